@@ -1,0 +1,39 @@
+# The two front-door commands are `make serve` and `make test`; both install first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+PORT ?= 3000
+TBCM_MODEL ?= student
+SEED ?= 0
+
+.PHONY: install test serve demo gpu-check world student eval-shipped clean-venv
+
+# torch==2.13.0 (CPU build on this machine's disk) goes in first so the project's torch>=2.4 range keeps it.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "torch==2.13.0" || $(PIP) install -q --disable-pip-version-check "torch>=2.4"
+	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+serve: install
+	PORT=$(PORT) TBCM_MODEL=$(TBCM_MODEL) $(BIN)/tbcm serve --port $(PORT) --model $(TBCM_MODEL)
+
+demo: install
+	$(BIN)/tbcm generate "a large red circle on the left" --model teacher --steps 16 --seed 0 --out runs/demo.png
+
+# Re-make the shipped embedded world (VAE, evaluator, teacher) from the recorded seeds and configs.
+world: install
+	$(BIN)/tbcm world train-vae --seed $(SEED) --out runs/world/vae
+	$(BIN)/tbcm world train-evaluator --seed $(SEED) --out runs/world/evaluator
+	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher
+	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher
+
+gpu-check: install
+	bash benchmarks/gpu_check.sh

@@ -1,0 +1,54 @@
+"""Config dataclasses -> argparse options, so every knob is defined once (with its comment as the help)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import typing
+
+
+def _comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field line in the dataclass source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def _parser_type(annotation):
+    """argparse type for a field annotation: int, float, str, bool, tuples of ints, and their Optionals."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return _parser_type(args[0])
+    if annotation in (tuple, typing.Tuple) or typing.get_origin(annotation) is tuple:
+        return lambda text: tuple(float(x) if "." in x else int(x) for x in text.split(","))
+    return annotation
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --option per dataclass field, defaulting to the field's default."""
+    comments, hints = _comments(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = hints[f.name]
+        help_text = f"{comments.get(f.name, '')} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_parser_type(kind), default=default, help=help_text)
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**(values | overrides))

@@ -1,0 +1,185 @@
+"""What every trainer here shares: atomic safetensors checkpoints with exact resume, EMA, progress and logs.
+
+A checkpoint is one `checkpoint.safetensors` (model, EMA and optimizer tensors, RNG state) plus its JSON metadata
+stored inside the safetensors header, written to a temp file, fsynced and renamed, so a kill at any moment leaves
+either the old checkpoint or the new one. Nothing is unpickled on load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm import tqdm
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """save_file to `path.tmp`, fsync, rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"json": json.dumps(metadata or {})})
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
+    return load_file(str(path)), metadata
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    version, internal, gauss = random.getstate()
+    return {"rng.torch": torch.get_rng_state()}, {"python_random": [version, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                    config, extra: dict | None = None) -> Path:
+    """Everything needed to continue exactly: weights, EMA, optimizer, RNG, step, config, extra JSON state."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    meta = {"step": step, "config": dataclasses.asdict(config), "optimizer": opt_meta, "rng": rng_meta,
+            "extra": extra or {}}
+    path = Path(out) / CHECKPOINT
+    atomic_write_safetensors(tensors | opt_tensors | rng_tensors, path, meta)
+    return path
+
+
+def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what save_checkpoint wrote; returns its metadata (step, config, extra)."""
+    tensors, meta = read_safetensors(Path(out) / CHECKPOINT)
+    for prefix, module in modules.items():
+        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        module.load_state_dict(own)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    set_rng_state(tensors, meta["rng"])
+    return meta
+
+
+def check_resume_config(out: Path, config) -> None:
+    """Refuse to resume a run with a different config (that would not be a continuation)."""
+    _, meta = read_safetensors(Path(out) / CHECKPOINT)
+    saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(config)))
+    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("steps", "out"))
+    if diffs:
+        raise ValueError(f"{Path(out) / CHECKPOINT}: config differs from the run being resumed in {diffs}")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Exponential moving average of weights: ema <- decay ema + (1 - decay) model (Polyak averaging)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+class RunLog:
+    """A tqdm bar with loss, rate and ETA, plus a JSONL log of every reported step."""
+
+    def __init__(self, out: Path, total: int, start: int, desc: str):
+        self.path = Path(out) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", dynamic_ncols=True, mininterval=2.0)
+        self.t0 = time.time()
+
+    def step(self, step: int, **values: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, "time_s": round(time.time() - self.t0, 3), **values}) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def truncate_log(out: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint step so the log reads as one run."""
+    path = Path(out) / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def train_loop(out: Path, config, model: torch.nn.Module, loss_fn, ema: torch.nn.Module | None = None,
+               resume: bool = False, desc: str = "train") -> torch.nn.Module:
+    """AdamW with linear warm-up, grad clipping, EMA, periodic atomic checkpoints and exact resume.
+
+    `config` needs seed, steps, lr, warmup_steps, grad_clip, ema_decay, checkpoint_every; `loss_fn(step)` returns
+    (loss, {name: value}) and draws all its randomness from torch's and Python's global generators, which the
+    checkpoint carries, so a resumed run continues exactly. Returns the EMA model (or the model).
+    """
+    out = Path(out)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    modules = {"model": model} | ({"ema": ema} if ema is not None else {})
+    start = 0
+    if resume and (out / CHECKPOINT).exists():
+        check_resume_config(out, config)
+        start = load_checkpoint(out, modules, optimizer)["step"]
+        truncate_log(out, start)
+    else:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+    log = RunLog(out, config.steps, start, desc)
+    for step in range(start + 1, config.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
+        loss, metrics = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            if ema is not None:
+                ema_update(ema, model, config.ema_decay)
+        log.step(step, loss=loss.item(), grad_norm=grad_norm.item(), **metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint(out, step, modules, optimizer, config)
+    log.close()
+    return ema if ema is not None else model
