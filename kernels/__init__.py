@@ -10,7 +10,7 @@ This package imports nothing from the rest of the project. See docs/kernels.md.
 
 from kernels.cross_attention import softmax_attention, softmax_attention_with_tangent
 from kernels.cuda_graphs import CudaGraphRunner
-from kernels.install import install, installed, uninstall
+from kernels.sana_patch import install, installed, uninstall
 from kernels.layer_norm_modulate import layer_norm_modulate
 from kernels.linear_attention import linear_attention
 from kernels.rms_norm import FusedRMSNorm, rms_norm

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import call_on_plain_tensors, check_runnable, head_block, head_tile
+from kernels.utils import call_on_plain_tensors, check_runnable, head_block, head_tile, max_over, sum_over
 
 BLOCK_QUERIES = 64
 BLOCK_KEYS = 64
@@ -49,34 +49,34 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, tq_ptr, tk_ptr, tv_ptr, out_p
     q_offsets, q_mask = head_tile(batch, head, q_start, n_queries, n_heads, head_dim, BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     if TANGENT:
         if HAS_TQ:
             tq = tl.load(tq_ptr + q_offsets, mask=q_mask, other=0.0)
-        r = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_a = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc_b = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        r = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc_a = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        acc_b = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for key_start in range(0, n_keys, BLOCK_N):
         kv_offsets, kv_mask = head_tile(batch, head, key_start, n_keys, n_heads, head_dim, BLOCK_N, BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
         s = _scores(q, k, bias_ptr, batch, key_start, n_keys, scale, HAS_BIAS, BLOCK_N)
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        new_max = tl.maximum(row_max, max_over(s, 1))
         finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows whose keys so far are all -inf
         alpha = tl.exp(row_max - finite_max)
         p = tl.exp(s - finite_max[:, None])
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
+        row_sum = row_sum * alpha + sum_over(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         if TANGENT:
-            ts = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            ts = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             if HAS_TQ:
                 ts = tl.dot(tq, tl.trans(k), ts, input_precision="ieee")
             if HAS_TK:
                 tk = tl.load(tk_ptr + kv_offsets, mask=kv_mask, other=0.0)
                 ts = tl.dot(q, tl.trans(tk), ts, input_precision="ieee")
             p_ts = p * ts * scale
-            r = r * alpha + tl.sum(p_ts, axis=1)
+            r = r * alpha + sum_over(p_ts, 1)
             acc_b = tl.dot(p_ts.to(v.dtype), v, acc_b * alpha[:, None], input_precision="ieee")
             if HAS_TV:
                 tv = tl.load(tv_ptr + kv_offsets, mask=kv_mask, other=0.0)
@@ -125,8 +125,8 @@ def _backward_key_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, delta
     kv_offsets, kv_mask = head_tile(batch, head, key_start, n_keys, n_heads, head_dim, BLOCK_N, BLOCK_D)
     k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     for q_start in range(0, n_queries, BLOCK_M):
         _, _, q, dout, lse, delta = _load_query_side(
             q_ptr, dout_ptr, lse_ptr, delta_ptr, program, q_start, n_queries, n_heads, head_dim, BLOCK_M, BLOCK_D)
@@ -148,7 +148,7 @@ def _backward_query_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, dout_ptr, lse_ptr, del
     q_offsets, q_mask, q, dout, lse, delta = _load_query_side(
         q_ptr, dout_ptr, lse_ptr, delta_ptr, program, tl.program_id(0) * BLOCK_M, n_queries, n_heads, head_dim,
         BLOCK_M, BLOCK_D)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for key_start in range(0, n_keys, BLOCK_N):
         kv_offsets, kv_mask = head_tile(batch, head, key_start, n_keys, n_heads, head_dim, BLOCK_N, BLOCK_D)
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
@@ -186,7 +186,8 @@ def _backward(q, k, v, key_bias, out, lse, dout, heads):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (q, k, v, q if key_bias is None else key_bias, dout, lse, delta)
     sizes = (n_queries, k.shape[1], heads, head_dim, head_dim ** -0.5)
-    blocks = dict(HAS_BIAS=key_bias is not None, BLOCK_M=BLOCK_QUERIES, BLOCK_N=BLOCK_KEYS, BLOCK_D=head_block(head_dim))
+    blocks = dict(HAS_BIAS=key_bias is not None, BLOCK_M=BLOCK_QUERIES, BLOCK_N=BLOCK_KEYS,
+                  BLOCK_D=head_block(head_dim), num_warps=8)
     _backward_key_kernel[(triton.cdiv(k.shape[1], BLOCK_KEYS), batch * heads)](*args, dk, dv, *sizes, **blocks)
     _backward_query_kernel[(triton.cdiv(n_queries, BLOCK_QUERIES), batch * heads)](*args, dq, *sizes, **blocks)
     return dq, dk, dv

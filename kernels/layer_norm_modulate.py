@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import call_on_plain_tensors, check_runnable, parallel_programs, row_settings, zeros_if_none
+from kernels.utils import (
+    call_on_plain_tensors, check_runnable, parallel_programs, row_settings, sum_over, zeros_if_none,
+)
 
 
 @triton.jit
@@ -25,15 +27,15 @@ def _layer_normalize_row(x_ptr, row, n_cols, eps, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    centered = tl.where(mask, x - tl.sum(x, axis=0) / n_cols, 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
+    centered = tl.where(mask, x - sum_over(x, 0) / n_cols, 0.0)
+    rstd = tl.rsqrt(sum_over(centered * centered, 0) / n_cols + eps)
     return cols, mask, centered * rstd, rstd
 
 
 @triton.jit
 def _layer_norm_project(v, xhat, rstd, n_cols):
     # Jacobian of xhat applied to v: P(v) = r * (v - mean(v) - xhat * mean(xhat * v))
-    return rstd * (v - tl.sum(v, axis=0) / n_cols - xhat * tl.sum(xhat * v, axis=0) / n_cols)
+    return rstd * (v - sum_over(v, 0) / n_cols - xhat * sum_over(xhat * v, 0) / n_cols)
 
 
 @triton.jit
@@ -71,8 +73,8 @@ def _ln_modulate_backward_kernel(x_ptr, scale_ptr, dy_ptr, dx_ptr, dscale_partia
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     scale = tl.load(scale_ptr + sample * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    dscale = tl.zeros([BLOCK], dtype=tl.float32)
-    dshift = tl.zeros([BLOCK], dtype=tl.float32)
+    dscale = tl.full([BLOCK], 0.0, tl.float32)
+    dshift = tl.full([BLOCK], 0.0, tl.float32)
     first_token = chunk * tokens_per_program
     for token in range(first_token, tl.minimum(first_token + tokens_per_program, n_tokens)):
         row = sample * n_tokens + token

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import call_on_plain_tensors, check_runnable, head_block, head_tile, zeros_if_none
+from kernels.utils import call_on_plain_tensors, check_runnable, head_block, head_tile, sum_over, zeros_if_none
 
 BLOCK_TOKENS = 64
 
@@ -41,8 +41,8 @@ def _key_pass_kernel(k_ptr, v_ptr, tk_ptr, tv_ptr, state_ptr, ksum_ptr, n_tokens
     # One program per (batch, head): reduce the keys into state and ksum (or their tangents).
     program = tl.program_id(0)
     batch, head = program // n_heads, program % n_heads
-    state = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    state = tl.full([BLOCK_D, BLOCK_D], 0.0, tl.float32)
+    ksum = tl.full([BLOCK_D], 0.0, tl.float32)
     for start in range(0, n_tokens, BLOCK_N):
         offsets, mask = head_tile(batch, head, start, n_tokens, n_heads, head_dim, BLOCK_N, BLOCK_D)
         k = tl.load(k_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -53,10 +53,10 @@ def _key_pass_kernel(k_ptr, v_ptr, tk_ptr, tv_ptr, state_ptr, ksum_ptr, n_tokens
             tv = tl.load(tv_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             state = tl.dot(tl.trans(tphi_k), v, state, input_precision="ieee")
             state = tl.dot(tl.trans(phi_k), tv, state, input_precision="ieee")
-            ksum += tl.sum(tphi_k, axis=0)
+            ksum += sum_over(tphi_k, 0)
         else:
             state = tl.dot(tl.trans(phi_k), v, state, input_precision="ieee")
-            ksum += tl.sum(phi_k, axis=0)
+            ksum += sum_over(phi_k, 0)
     state_offsets, ksum_offsets = _state_offsets(program, BLOCK_D)
     tl.store(state_ptr + state_offsets, state)
     tl.store(ksum_ptr + ksum_offsets, ksum)
@@ -71,7 +71,7 @@ def _load_states(state_ptr, ksum_ptr, program, BLOCK_D: tl.constexpr):
 @triton.jit
 def _attend(phi_q, state, ksum, eps):
     # out = num / den with num = phi(q) state, den = phi(q) . ksum + eps
-    den = tl.sum(phi_q * ksum[None, :], axis=1) + eps
+    den = sum_over(phi_q * ksum[None, :], 1) + eps
     return tl.dot(phi_q, state, input_precision="ieee") / den[:, None], den
 
 
@@ -90,7 +90,7 @@ def _query_pass_kernel(q_ptr, tq_ptr, state_ptr, ksum_ptr, tstate_ptr, tksum_ptr
         tstate, tksum = _load_states(tstate_ptr, tksum_ptr, program, BLOCK_D)
         tphi_q = tl.where(q > 0, tl.load(tq_ptr + offsets, mask=mask, other=0.0).to(tl.float32), 0.0)
         tnum = tl.dot(tphi_q, state, input_precision="ieee") + tl.dot(phi_q, tstate, input_precision="ieee")
-        tden = tl.sum(tphi_q * ksum[None, :], axis=1) + tl.sum(phi_q * tksum[None, :], axis=1)
+        tden = sum_over(tphi_q * ksum[None, :], 1) + sum_over(phi_q * tksum[None, :], 1)
         out = (tnum - out * tden[:, None]) / den[:, None]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -102,8 +102,8 @@ def _backward_query_kernel(q_ptr, dout_ptr, state_ptr, ksum_ptr, dq_ptr, dstate_
     program = tl.program_id(0)
     batch, head = program // n_heads, program % n_heads
     state, ksum = _load_states(state_ptr, ksum_ptr, program, BLOCK_D)
-    dstate = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
-    dksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dstate = tl.full([BLOCK_D, BLOCK_D], 0.0, tl.float32)
+    dksum = tl.full([BLOCK_D], 0.0, tl.float32)
     for start in range(0, n_tokens, BLOCK_M):
         offsets, mask = head_tile(batch, head, start, n_tokens, n_heads, head_dim, BLOCK_M, BLOCK_D)
         q = tl.load(q_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -111,11 +111,11 @@ def _backward_query_kernel(q_ptr, dout_ptr, state_ptr, ksum_ptr, dq_ptr, dstate_
         phi_q = tl.maximum(q, 0.0)
         out, den = _attend(phi_q, state, ksum, eps)
         dnum = dout / den[:, None]
-        dden = -tl.sum(dout * out, axis=1) / den
+        dden = -sum_over(dout * out, 1) / den
         dphi_q = tl.dot(dnum, tl.trans(state), input_precision="ieee") + dden[:, None] * ksum[None, :]
         tl.store(dq_ptr + offsets, tl.where(q > 0, dphi_q, 0.0).to(dq_ptr.dtype.element_ty), mask=mask)
         dstate = tl.dot(tl.trans(phi_q), dnum, dstate, input_precision="ieee")
-        dksum += tl.sum(phi_q * dden[:, None], axis=0)
+        dksum += sum_over(phi_q * dden[:, None], 0)
     state_offsets, ksum_offsets = _state_offsets(program, BLOCK_D)
     tl.store(dstate_ptr + state_offsets, dstate)
     tl.store(dksum_ptr + ksum_offsets, dksum)

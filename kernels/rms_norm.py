@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels.utils import call_on_plain_tensors, check_runnable, parallel_programs, row_settings, zeros_if_none
+from kernels.utils import (
+    call_on_plain_tensors, check_runnable, parallel_programs, row_settings, sum_over, zeros_if_none,
+)
 
 
 @triton.jit
@@ -27,14 +29,14 @@ def _normalize_row(x_ptr, row, n_cols, eps, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    rstd = tl.rsqrt(sum_over(x * x, 0) / n_cols + eps)
     return cols, mask, x * rstd, rstd
 
 
 @triton.jit
 def _rms_project(v, xhat, rstd, n_cols):
     # Jacobian of xhat = x * r applied to v: r * (v - xhat * mean(xhat * v))
-    return rstd * (v - xhat * tl.sum(xhat * v, axis=0) / n_cols)
+    return rstd * (v - xhat * sum_over(xhat * v, 0) / n_cols)
 
 
 @triton.jit
@@ -72,7 +74,7 @@ def _rms_norm_backward_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_partial_ptr, n_ro
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    dw = tl.full([BLOCK], 0.0, tl.float32)
     first_row = program * rows_per_program
     for row in range(first_row, tl.minimum(first_row + rows_per_program, n_rows)):
         _, _, xhat, rstd = _normalize_row(x_ptr, row, n_cols, eps, BLOCK)

@@ -1,7 +1,9 @@
 """Shared pieces of the Triton kernels: where they can run, launch settings, tile addressing.
 
-Kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton
-was imported (the interpreter runs each program with numpy: correct, slow, for tests only).
+Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1:
+each program runs with numpy; correct, slow, for tests). Without CUDA the interpreter is the
+only way Triton can run at all, so importing this package sets TRITON_INTERPRET=1 when CUDA is
+absent and the variable is unset; set TRITON_INTERPRET=0 beforehand to keep it off.
 """
 
 import functools
@@ -11,9 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-# @triton.jit reads TRITON_INTERPRET when a kernel module is imported, and every kernel module
-# imports this one first, so the value seen here is the one the kernels were built with.
+# @triton.jit reads TRITON_INTERPRET when a kernel is defined, and every kernel module imports
+# this one before defining any, so this is the mode the kernels are built in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# tl.sum, tl.max and tl.zeros are themselves @triton.jit functions, built in the mode that was on
+# when triton was first imported. diffusers imports triton, usually before the interpreter is
+# switched on, and those functions then refuse to run inside interpreted kernels. The kernels
+# call the builtin tl.reduce with tl.sum's and tl.max's own combine functions instead (which the
+# interpreter recognises and runs with numpy), and tl.full(shape, 0.0, tl.float32) for zeros.
+@triton.jit
+def sum_over(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def max_over(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
 
 
 @triton.jit
@@ -38,7 +57,7 @@ def reason() -> str:
     if INTERPRETED:
         return f"triton {triton.__version__} interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly"
     if not torch.cuda.is_available():
-        return "CUDA not available and TRITON_INTERPRET is not set: the Triton kernels cannot run"
+        return "CUDA not available and the Triton interpreter is off (TRITON_INTERPRET=0): the kernels cannot run"
     failure = _cuda_probe_failure()
     return failure or f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 

@@ -40,13 +40,14 @@ def _project(attn, hidden_states, encoder_hidden_states):
 
 
 def _key_bias(attention_mask, batch, n_keys):
-    """diffusers' cross-attention mask (an additive bias [B, 1, Nk] or a 0/1 or bool mask [B, Nk]) as a [B, Nk] bias."""
+    """diffusers' cross-attention mask (an additive bias [B, 1, Nk], or a bool mask [B, Nk]) as a [B, Nk] bias."""
     if attention_mask is None:
         return None
     if attention_mask.ndim == 3 and attention_mask.shape[1] == 1:
         attention_mask = attention_mask[:, 0]
     if attention_mask.ndim != 2 or attention_mask.shape[-1] != n_keys or attention_mask.shape[0] not in (1, batch):
-        raise ValueError(f"only key-padding masks of shape [B, Nk] or [B, 1, Nk] are fused, got {tuple(attention_mask.shape)}")
+        raise ValueError("only key-padding masks of shape [B, Nk] or [B, 1, Nk] are fused, "
+                         f"got {tuple(attention_mask.shape)}")
     if attention_mask.dtype == torch.bool:  # True = keep, as diffusers' pipelines build it
         return (~attention_mask).float() * -10000.0
     return attention_mask
@@ -71,7 +72,7 @@ class FusedSanaCrossAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         key_bias = _key_bias(attention_mask, query.shape[0], key.shape[1])
-        hidden_states = softmax_attention(query, key, value, attn.heads, key_bias).to(query.dtype)
+        hidden_states = softmax_attention(query, key, value, attn.heads, key_bias)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         return hidden_states / attn.rescale_output_factor
 
