@@ -24,9 +24,6 @@ def _comments(cls) -> dict[str, str]:
 
 def _parser_type(annotation):
     """argparse type for a field annotation: int, float, str, bool, tuples of ints, and their Optionals."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        return _parser_type(args[0])
     if annotation in (tuple, typing.Tuple) or typing.get_origin(annotation) is tuple:
         return lambda text: tuple(float(x) if "." in x else int(x) for x in text.split(","))
     return annotation
@@ -41,6 +38,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
+        optional = [a for a in typing.get_args(kind) if a is not type(None)]
+        if type(None) in typing.get_args(kind) and len(optional) == 1:
+            kind = optional[0]  # Optional[X]: parse as X, default None
         help_text = f"{comments.get(f.name, '')} (default: {default})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,

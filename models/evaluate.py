@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import world
 from .evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of
 from .generator import DEFAULT_GUIDANCE, Generator
-from .pipeline import WEIGHTS_DIR, load_pipeline
+from .pipeline import WEIGHTS_DIR, Pipeline, load_pipeline
 
 EVAL_SEED_BASE = 10**9        # prompt scenes: disjoint from every training seed range
 REFERENCE_SEED_BASE = 2 * 10**9  # the independent real reference set
@@ -57,7 +57,8 @@ def real_images(scenes: list[world.Scene], size: int) -> torch.Tensor:
     return torch.from_numpy(world.to_tensor_array([world.render(s, size) for s in scenes]))
 
 
-def evaluate(config: EvalConfig) -> dict:
+def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
+    """Score `config.model` (or an already loaded `pipeline`, e.g. a student mid-training)."""
     evaluator = Evaluator.load(Path(config.evaluator))
     size = evaluator.config["image_size"]
     scenes = [world.sample_scene(EVAL_SEED_BASE + config.seed * config.n + i, config.prompts)
@@ -69,7 +70,7 @@ def evaluate(config: EvalConfig) -> dict:
         images = real_images(scenes, size)
         result |= {"nfe": 0, "images_per_s": None, "steps": 0}
     else:
-        generator = Generator(load_pipeline(config.model))
+        generator = Generator(pipeline or load_pipeline(config.model))
         steps = config.steps or generator.default_steps
         generator.generate([scenes[0].caption], [0], steps, config.guidance)  # warm-up, not timed
         chunks, elapsed = [], 0.0

@@ -31,7 +31,7 @@ class TeacherConfig:
     grad_clip: float = 1.0            # max global grad norm
     ema_decay: float = 0.999          # EMA of the shipped weights
     checkpoint_every: int = 250       # steps between atomic checkpoints
-    dataset_size: int = 16000         # precomputed (latent, caption) pairs from the training split
+    dataset_size: int = 6000          # precomputed (latent, caption) pairs from the training split
     image_size: int = 64              # pixels per side
     max_sequence_length: int = 32     # encoder tokens per caption (padding included)
     caption_dropout: float = 0.1      # share of captions replaced by "" (the CFG null prompt)

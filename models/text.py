@@ -17,7 +17,7 @@ class PromptTooLong(ValueError):
 
 class TextEncoder:
     def __init__(self, tokenizer, encoder: torch.nn.Module, max_length: int, cache_size: int = 8192,
-                 microbatch: int = 4):
+                 microbatch: int = 1):
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "right"
         self.encoder = encoder.eval().requires_grad_(False)

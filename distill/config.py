@@ -1,0 +1,39 @@
+"""The one config of a distillation run: every knob, defined once, saved with every checkpoint."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "teacher"              # teacher pipeline folder or shipped name
+    prompts: str = "world"                # prompt file (one per line) or "world" (training-split captions)
+    out: str = "runs/distill"             # run folder: checkpoint, metrics.jsonl, samples, export/
+    pairs: str = "trajectory"             # "trajectory" (TBCM, image-free) or "data" (sCM on real world images)
+    rollouts: str | None = None           # folder of `tbcm rollout` shards to read instead of rolling out
+    seed: int = 0                         # everything is a function of it (per rank: seed + rank)
+    steps: int = 400                      # optimizer steps
+    prompts_per_step: int = 8             # prompts per step per rank (TBCM) / images are prompts x points (data)
+    route_points: int = 16                # K, points of the reference route (teacher NFE = 2K per prompt)
+    points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1
+    time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
+    cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
+    p_mean: float = -0.8                  # log-normal TrigFlow proposal tan t = e^tau / sigma_d, tau ~ N(p_mean,
+    p_std: float = 1.6                    #   p_std^2): data pairs and --time-sampling lognormal (sCM App. G)
+    lr: float = 1e-4                      # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 20                # linear LR warm-up
+    weight_decay: float = 0.0             # AdamW weight decay
+    grad_clip: float = 0.1                # max global grad norm (Sana-Sprint / TBCM)
+    tangent_warmup: int = 100             # r = min(1, step / tangent_warmup) (sCM §4.2)
+    calm_down_start: int = 10**9          # step at which r starts moving to final_r (TBCM config: 15000)
+    calm_down_steps: int = 2000           # length of that linear move
+    final_r: float = 0.75                 # r after the calm-down
+    tangent_norm_c: float = 0.1           # g <- g / (||g|| + c), per sample (sCM §4.2)
+    degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
+    ema_decay: float = 0.99               # EMA of the exported student
+    sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
+    checkpoint_every: int = 50            # steps between atomic checkpoints
+    eval_every: int = 0                   # steps between FD/accuracy evaluations (0: off); for FD-vs-time curves
+    eval_n: int = 256                     # images per periodic evaluation
+    use_kernels: bool | None = None       # Triton kernels in the student (default: on with CUDA, off on CPU)
+    mixed_precision: str = "no"           # accelerate mixed precision: "no", "fp16" or "bf16"

@@ -1,0 +1,61 @@
+"""The student: a Sana-Sprint-layout copy of the teacher with a guidance embedding and a learned log-variance.
+
+The student transformer is `SanaTransformer2DModel(guidance_embeds=True)` initialised from the teacher, with the
+guidance embedder's last layer zeroed so that at step 0 it computes exactly the teacher's conditional velocity
+(distill-spec §3). The log-variance head reads the time(+guidance) embedding, as Sana's `logvar_linear` does,
+and is dropped at export.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import SanaTransformer2DModel
+from torch import nn
+
+from models.sampling import flow_model
+from models.trigflow import trigflow_from_flow
+
+TEACHER_TIME_PREFIX = "time_embed.emb.timestep_embedder."  # AdaLayerNormSingle (teacher)
+STUDENT_TIME_PREFIX = "time_embed.timestep_embedder."      # SanaCombinedTimestepGuidanceEmbeddings (student)
+
+
+def student_from_teacher(teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
+    """Same architecture plus the guidance embedder; every teacher weight copied, the new branch zero at init."""
+    if teacher.config.guidance_embeds:
+        raise ValueError("the teacher already has a guidance embedding; distil from a CFG teacher")
+    student = SanaTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True})
+    weights = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
+        raise ValueError(f"teacher -> student weight mapping failed: missing {missing}, unexpected {unexpected}")
+    nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.weight)
+    nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.bias)
+    dtype = next(teacher.parameters()).dtype
+    return student if dtype == torch.float32 else student.to(dtype)
+
+
+class Student(nn.Module):
+    """F_theta(x_t / sigma_d, t, caption, w) in TrigFlow units plus the adaptive-weight log-variance."""
+
+    def __init__(self, transformer: SanaTransformer2DModel):
+        super().__init__()
+        self.transformer = transformer
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.logvar = nn.Linear(width, 1)  # w_phi(t) = -logvar (sCM eq. 14), on the time embedding
+        nn.init.zeros_(self.logvar.weight)
+        nn.init.zeros_(self.logvar.bias)
+        self._embedding: torch.Tensor | None = None
+        transformer.time_embed.register_forward_hook(self._keep_embedding)
+
+    def _keep_embedding(self, module, inputs, output) -> None:
+        self._embedding = output[1]
+
+    def velocity(self, x_over_sigma: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                 guidance: torch.Tensor) -> torch.Tensor:
+        """F_theta through the flow->TrigFlow conversion; `guidance` is the CFG scale w (embedded as 0.1 w)."""
+        embedded = guidance * self.transformer.config.guidance_embeds_scale
+        return trigflow_from_flow(flow_model(self.transformer, states, mask, guidance=embedded.to(states.dtype)),
+                                  x_over_sigma, t)
+
+    def forward(self, x_over_sigma, t, states, mask, guidance) -> tuple[torch.Tensor, torch.Tensor]:
+        velocity = self.velocity(x_over_sigma, t, states, mask, guidance)
+        return velocity, self.logvar(self._embedding).view(-1)

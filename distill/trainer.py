@@ -1,0 +1,191 @@
+"""`tbcm distill`: the TBCM trainer (and the data-based sCM baseline), one process or many under accelerate.
+
+Each step: pairs (teacher rollouts, precomputed rollout shards, or noised real images) -> sCM loss with one JVP
+and one differentiable forward -> clipped AdamW step, skipped when the gradient norm is not finite -> EMA.
+Every rank rolls out its own prompts (seeded by rank); gradients are averaged by DDP. Checkpoints are atomic and
+carry RNG state, so `--resume` continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import SCMScheduler
+
+from models import world
+from models.evaluate import EvalConfig, evaluate, save_grid
+from models.generator import Generator
+from models.pipeline import Pipeline, load_pipeline
+from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update, load_checkpoint, \
+    save_checkpoint, truncate_log
+
+from .config import DistillConfig
+from .loss import scm_loss, tangent_r
+from .pairs import data_pairs, pairs_from_rollout, read_prompts, rollout
+from .rollout import RolloutShards
+from .student import Student, student_from_teacher
+
+SAMPLE_PROMPTS = 8
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def load_teacher(config: DistillConfig, device) -> Pipeline:
+    teacher = load_pipeline(config.teacher, device=device)
+    if teacher.is_student:
+        raise ValueError(f"--teacher {config.teacher}: has a guidance embedding (a student); need a CFG teacher")
+    teacher.transformer.requires_grad_(False)
+    teacher.vae.requires_grad_(False)
+    return teacher
+
+
+def student_pipeline(teacher: Pipeline, transformer, info: dict | None = None) -> Pipeline:
+    """The student as a servable pipeline: its transformer with the teacher's VAE, text encoder and info."""
+    return Pipeline(transformer, teacher.vae, teacher.text, SCMScheduler(sigma_data=0.5),
+                    {**teacher.info, **(info or {})}, None)
+
+
+class Distiller:
+    def __init__(self, config: DistillConfig, resume: bool = False):
+        if config.pairs not in ("trajectory", "data"):
+            raise ValueError(f"--pairs must be 'trajectory' or 'data', got {config.pairs!r}")
+        if config.pairs == "data" and config.prompts != "world":
+            raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
+        self.config, self.out = config, Path(config.out)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        self.teacher = load_teacher(config, self.accelerator.device)
+        self.prompts = read_prompts(config.prompts, config.seed)
+        self.shards = RolloutShards(config.rollouts) if config.rollouts else None
+        torch.manual_seed(config.seed)
+        self.student = Student(student_from_teacher(self.teacher.transformer)).train()
+        self.ema = student_from_teacher(self.teacher.transformer).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.student.transformer.state_dict())
+        if config.use_kernels if config.use_kernels is not None else torch.cuda.is_available():
+            import kernels
+
+            kernels.install(self.student.transformer)
+        optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
+        rank = self.accelerator.process_index
+        if resume and (self.out / CHECKPOINT).exists():
+            check_resume_config(self.out, config)
+            meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
+            self.step, self.counters = meta["step"], meta["extra"]["counters"]
+            truncate_log(self.out, self.step)
+            if rank:
+                seed_everything(config.seed + rank + 10**6 * self.step)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            seed_everything(config.seed + rank)  # every rank rolls out its own prompts
+
+    def _modules(self) -> dict:
+        return {"student": self.student, "ema": self.ema}
+
+    def _conditioning(self, prompts: list[str]):
+        text, device = self.teacher.text, self.accelerator.device
+        states, mask = text.encode(prompts)
+        null_states, null_mask = text.null(len(prompts))
+        return states.to(device), mask.to(device), null_states.to(device), null_mask.to(device)
+
+    def make_pairs(self):
+        """One step's pairs and the number of prompts the degenerate filter dropped."""
+        config = self.config
+        if config.pairs == "data":
+            scenes = [world.sample_scene(random.randrange(2**31), "train")
+                      for _ in range(config.prompts_per_step * config.points_per_trajectory)]
+            cond = self._conditioning([s.caption for s in scenes])
+            return data_pairs(self.teacher, scenes, *cond, config), 0
+        if self.shards is not None:
+            roll, prompts = self.shards.sample(config.prompts_per_step)
+            states, mask, _, _ = self._conditioning(prompts)
+        else:
+            prompts = [random.choice(self.prompts) for _ in range(config.prompts_per_step)]
+            states, mask, null_states, null_mask = self._conditioning(prompts)
+            roll = rollout(self.teacher, states, mask, null_states, null_mask, config)
+        return pairs_from_rollout(roll, states, mask, config)
+
+    def train_step(self) -> dict:
+        config = self.config
+        t0 = time.perf_counter()
+        pairs, dropped = self.make_pairs()
+        r = tangent_r(self.step, config.tangent_warmup, config.calm_down_start, config.calm_down_steps,
+                      config.final_r)
+        student = self.accelerator.unwrap_model(self.model)
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (self.step + 1) / max(1, config.warmup_steps))
+        with self.accelerator.autocast():
+            loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            ema_update(self.ema, student.transformer, config.ema_decay)
+        else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)
+            self.counters["skipped_steps"] += 1
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        self.counters["pairs"] += len(pairs.t)
+        self.counters["degenerate_prompts"] += dropped
+        self.counters["train_time_s"] += elapsed
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "r": r, "pairs_per_s": len(pairs.t) / elapsed,
+                **stats, **{k: v for k, v in self.counters.items() if k != "pairs"}}
+
+    def pipeline(self, use_ema: bool = True) -> Pipeline:
+        transformer = self.ema if use_ema else self.accelerator.unwrap_model(self.model).transformer
+        return student_pipeline(self.teacher, transformer)
+
+    def sample_grid(self) -> Path:
+        """Fixed prompts and seeds at 1, 2 and 4 steps: one row per step count."""
+        scenes = [world.sample_scene(i, "heldout" if i % 2 else "train") for i in range(SAMPLE_PROMPTS)]
+        generator = Generator(self.pipeline())
+        rows = [generator.generate([s.caption for s in scenes], list(range(SAMPLE_PROMPTS)), steps).images
+                for steps in (1, 2, 4)]
+        path = self.out / "samples" / f"step{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(torch.cat(rows), path, columns=SAMPLE_PROMPTS)
+        (path.parent / "prompts.txt").write_text("\n".join(s.caption for s in scenes) + "\n")
+        return path
+
+    def evaluate_now(self) -> dict:
+        result = evaluate(EvalConfig(model="student", steps=1, n=self.config.eval_n), self.pipeline())
+        record = {"step": self.step, "train_time_s": self.counters["train_time_s"], "fd": result["fd"],
+                  "accuracy": result["accuracy"]}
+        with open(self.out / "eval_curve.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
+
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config,
+                            {"counters": self.counters})
+
+    def train(self) -> None:
+        config = self.config
+        log = RunLog(self.out, config.steps, self.step, f"distill ({config.pairs})") \
+            if self.accelerator.is_main_process else None
+        if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
+            self.evaluate_now()
+        while self.step < config.steps:
+            metrics = self.train_step()
+            if log:
+                log.step(self.step, **metrics)
+            if self.accelerator.is_main_process:
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.sample_grid()
+                if config.eval_every and self.step % config.eval_every == 0:
+                    self.evaluate_now()
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                self.save()
+        if log:
+            log.close()

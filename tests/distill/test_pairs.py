@@ -1,0 +1,101 @@
+"""TBCM pairs: route and jitter, rollout shapes, velocity reuse, the degenerate filter; data-sCM pairs."""
+import math
+
+import pytest
+import torch
+
+from distill.config import DistillConfig
+from distill.pairs import data_pairs, degenerate_weight, pairs_from_rollout, rollout, trajectory_times
+from models import world
+from models.pipeline import load_pipeline
+from models.sampling import cfg_flow_model
+from models.trigflow import SIGMA_DATA, reference_route, trigflow_from_flow
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    return load_pipeline(tiny_teacher_dir)
+
+
+@pytest.mark.parametrize("strategy", ["route", "lognormal", "uniform"])
+def test_trajectory_times_decrease_from_pi_over_2(strategy):
+    torch.manual_seed(0)
+    times = trajectory_times(5, reference_route(16, 2.5), strategy, -0.8, 1.6)
+    assert times.shape == (5, 16)
+    assert torch.all(times[:, 0] == math.pi / 2)
+    assert torch.all(times[:, 1:] < times[:, :-1])
+    assert torch.all(times[:, 1:] > 0)
+
+
+def test_route_jitter_stays_inside_its_interval_and_changes_each_draw():
+    route = reference_route(16, 2.5).float()
+    torch.manual_seed(0)
+    a, b = (trajectory_times(64, route, "route", 0, 1) for _ in range(2))
+    assert torch.all(a[:, 1:] >= route[1:]) and torch.all(a[:, 1:] <= route[:-1])
+    assert not torch.equal(a, b)
+
+
+def test_bad_strategy_is_rejected():
+    with pytest.raises(ValueError, match="time_sampling"):
+        trajectory_times(1, reference_route(4, 1.0), "cosine", 0, 1)
+
+
+def conditioning(teacher, prompts):
+    states, mask = teacher.text.encode(prompts)
+    null_states, null_mask = teacher.text.null(len(prompts))
+    return states, mask, null_states, null_mask
+
+
+def test_rollout_shapes_and_velocity_reuse(teacher):
+    torch.manual_seed(0)
+    config = DistillConfig(route_points=6, points_per_trajectory=5)
+    cond = conditioning(teacher, ["a red circle on the left", "a big blue box at the top", "a cross"])
+    roll = rollout(teacher, *cond, config)
+    assert roll.states.shape == (3, 6, 4, 4, 4) and roll.velocities.shape == roll.states.shape
+    assert roll.times.shape == (3, 6) and roll.endpoints.shape == (3, 4, 4, 4)
+    assert set(roll.guidance.tolist()) <= set(config.cfg_scales)
+    # the stored velocity is the teacher's CFG velocity at the stored state: no extra teacher call needed
+    k = 3
+    flow = cfg_flow_model(teacher.transformer, *cond, roll.guidance)
+    with torch.no_grad():
+        again = SIGMA_DATA * trigflow_from_flow(flow, roll.states[:, k] / SIGMA_DATA, roll.times[:, k])
+    torch.testing.assert_close(roll.velocities[:, k], again, atol=1e-5, rtol=1e-5)
+    # each next state is the DDIM step of the previous one with that velocity
+    dt = (roll.times[:, k] - roll.times[:, k + 1]).view(-1, 1, 1, 1)
+    step = torch.cos(dt) * roll.states[:, k] - torch.sin(dt) * roll.velocities[:, k]
+    torch.testing.assert_close(roll.states[:, k + 1], step, atol=1e-5, rtol=1e-5)
+
+    pairs, dropped = pairs_from_rollout(roll, cond[0], cond[1], DistillConfig(route_points=6,
+                                                                              points_per_trajectory=2,
+                                                                              degenerate_std=0.0))
+    assert len(pairs.t) == 6 and dropped == 0
+    assert torch.all(pairs.t < math.pi / 2)  # the pure-noise state k = 0 is never a pair
+    for i in range(6):  # every pair is one of its prompt's stored states, with its own time and velocity
+        row = roll.states[i // 2]
+        match = [j for j in range(6) if torch.equal(row[j], pairs.x_t[i])]
+        assert match and roll.times[i // 2, match[0]] == pairs.t[i]
+        assert torch.equal(roll.velocities[i // 2, match[0]], pairs.velocity[i])
+
+
+def test_points_per_trajectory_range(teacher):
+    cond = conditioning(teacher, ["a red circle"])
+    roll = rollout(teacher, *cond, DistillConfig(route_points=4))
+    with pytest.raises(ValueError, match="points_per_trajectory"):
+        pairs_from_rollout(roll, cond[0], cond[1], DistillConfig(route_points=4, points_per_trajectory=4))
+
+
+def test_degenerate_filter_drops_constant_endpoints_only():
+    torch.manual_seed(0)
+    flat = torch.full((50, 4, 8, 8), 0.3)
+    varied = torch.randn(50, 4, 8, 8)
+    assert degenerate_weight(flat, 0.05).sum() == 0
+    assert degenerate_weight(varied, 0.05).sum() == 50
+
+
+def test_data_pairs_noise_real_latents(teacher):
+    torch.manual_seed(0)
+    scenes = [world.sample_scene(i, "train") for i in range(4)]
+    cond = conditioning(teacher, [s.caption for s in scenes])
+    pairs = data_pairs(teacher, scenes, *cond, DistillConfig())
+    assert pairs.x_t.shape == (4, 4, 4, 4) and pairs.velocity.shape == (4, 4, 4, 4)
+    assert torch.all((pairs.t > 0) & (pairs.t < math.pi / 2)) and torch.all(pairs.weight == 1)

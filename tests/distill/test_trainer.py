@@ -1,0 +1,109 @@
+"""The trainer end to end on tiny configs: both pair sources, rollout shards, exact resume after SIGKILL,
+export through SanaSprintPipeline, and clear errors for bad teachers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import DistillConfig
+from distill.export import export_student
+from distill.rollout import RolloutConfig, write_rollouts
+from distill.trainer import Distiller
+from models.generator import Generator
+from models.pipeline import PipelineError, load_pipeline
+from models.sampling import seeded_noise
+
+TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0,
+            checkpoint_every=1, tangent_warmup=2)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("pairs", ["trajectory", "data"])
+def test_trainer_runs_and_moves_the_student(tiny_teacher_dir, tmp_path, pairs):
+    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), pairs=pairs, **TINY))
+    before = {k: v.clone() for k, v in distiller.student.state_dict().items()}
+    distiller.train()
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(tmp_path).values())
+    changed = [k for k, v in distiller.student.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("transformer_blocks" in k for k in changed) and any("guidance_embedder" in k for k in changed)
+    assert (tmp_path / "checkpoint.safetensors").exists()
+
+
+def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY)
+    paths = write_rollouts(config, RolloutConfig(shards=2, prompts_per_shard=3, batch_size=2), tmp_path / "shards")
+    assert len(paths) == 2
+    distiller = Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards")}))
+    distiller.train()
+    assert len(losses(tmp_path / "run")) == 3
+
+
+def run_cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "distill", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2], **kwargs)
+
+
+def test_sigkill_and_resume_reaches_the_same_losses(tiny_teacher_dir, tmp_path):
+    common = ["--teacher", str(tiny_teacher_dir), "--prompts-per-step", "2", "--route-points", "4",
+              "--points-per-trajectory", "3", "--sample-every", "0", "--checkpoint-every", "1", "--steps", "6",
+              "--tangent-warmup", "3"]
+    killed = run_cli([*common, "--out", str(tmp_path / "killed")])
+    deadline = time.time() + 240
+    while time.time() < deadline and killed.poll() is None:  # kill mid-run, once two checkpoints exist
+        if (tmp_path / "killed" / "metrics.jsonl").exists() and len(losses(tmp_path / "killed")) >= 3:
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert len(losses(tmp_path / "killed")) < 6, "the run finished before it could be killed"
+    straight = run_cli([*common, "--out", str(tmp_path / "straight")])
+    assert straight.wait(timeout=240) == 0, straight.stderr.read().decode()[-2000:]
+    resumed = run_cli([*common, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.wait(timeout=240) == 0, resumed.stderr.read().decode()[-2000:]
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_teacher_dir, tmp_path):
+    from diffusers import SanaSprintPipeline
+
+    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY))
+    distiller.train()
+    folder = export_student(distiller.pipeline(), distiller.teacher, distiller.config, tmp_path / "student",
+                            distiller.step, distiller.counters)
+    manifest = json.loads((folder / "tbcm.json").read_text())["manifest"]
+    assert manifest["method"] == "tbcm" and manifest["teacher"]["transformer_sha256"]
+
+    prompt, seed = "a small green square at the top", 7
+    ours = Generator(load_pipeline(folder)).generate([prompt], [seed], steps=1, guidance=4.5).images[0]
+    sprint = SanaSprintPipeline.from_pretrained(folder)
+    noise, _ = seeded_noise([seed], (4, 4, 4))
+    theirs = sprint(prompt, num_inference_steps=1, intermediate_timesteps=None, guidance_scale=4.5, latents=noise,
+                    height=16, width=16, use_resolution_binning=False, max_sequence_length=16,
+                    complex_human_instruction=None, output_type="np").images[0]
+    theirs = torch.from_numpy(theirs * 255).round()
+    assert (ours.float() - theirs).abs().max() <= 1
+
+
+def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_path):
+    with pytest.raises(PipelineError, match="model_index.json"):
+        Distiller(DistillConfig(teacher=str(tmp_path), out=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="guidance embedding"):
+        Distiller(DistillConfig(teacher=str(tiny_student_dir), out=str(tmp_path / "run")))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("model_index.json", "transformer", "scheduler"):
+        os.symlink(Path(tiny_teacher_dir) / name, broken / name)
+    with pytest.raises(PipelineError, match="vae"):
+        Distiller(DistillConfig(teacher=str(broken), out=str(tmp_path / "run")))
+    with pytest.raises(ValueError, match="pairs"):
+        Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), pairs="images"))
