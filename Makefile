@@ -35,5 +35,10 @@ world: install
 	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher
 	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher
 
+# Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
+student: install
+	$(BIN)/tbcm distill --teacher weights/teacher --prompts world --pairs trajectory --seed $(SEED) \
+		--out runs/student --export weights/student --export-eval-n 512
+
 gpu-check: install
 	bash benchmarks/gpu_check.sh
