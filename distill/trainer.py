@@ -176,7 +176,8 @@ class Distiller:
             if self.accelerator.is_main_process else None
         if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
             self.evaluate_now()
-        while self.step < config.steps:
+        while self.step < config.steps and not (config.time_budget_s and
+                                                 self.counters["train_time_s"] >= config.time_budget_s):
             metrics = self.train_step()
             if log:
                 log.step(self.step, **metrics)
@@ -185,7 +186,8 @@ class Distiller:
                     self.sample_grid()
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate_now()
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                 self.save()
+        self.save()  # the final state, whether the step count or the time budget ended the run
         if log:
             log.close()

@@ -1,0 +1,60 @@
+"""Quality on the shapes world: teacher at several step counts (CFG) and students at 1, 2 and 4 steps, on
+training and held-out attribute combinations: FD, all-attribute accuracy, NFE, images/s on this machine.
+
+    python benchmarks/bench_quality.py --n 512 --json runs/bench/quality.json \
+        --model teacher:4,8,16 --model student:1,2,4 --model runs/scm-data/export:1,2,4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.evaluate import EvalConfig, evaluate  # noqa: E402
+
+
+def parse_model(spec: str) -> tuple[str, list[int]]:
+    name, _, steps = spec.rpartition(":")
+    return name, [int(s) for s in steps.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="NAME_OR_FOLDER:STEPS,STEPS,...")
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--splits", default="train,heldout")
+    parser.add_argument("--json", default="runs/bench/quality.json")
+    args = parser.parse_args()
+    rows = [{"model": "real", "split": split, **{k: v for k, v in evaluate(EvalConfig(model="real", prompts=split,
+                                                                                      n=args.n)).items()
+                                                 if k in ("fd", "accuracy", "nfe")}}
+            for split in args.splits.split(",")]
+    for spec in args.model:
+        name, step_list = parse_model(spec)
+        for steps in step_list:
+            for split in args.splits.split(","):
+                result = evaluate(EvalConfig(model=name, steps=steps, prompts=split, n=args.n))
+                rows.append({"model": name, "steps": steps, "split": split,
+                             **{k: result[k] for k in ("fd", "accuracy", "nfe", "images_per_s")}})
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"\nQuality on the shapes world (n = {args.n} per row) — {machine}")
+    print(f"{'model':<28}{'steps':>6}{'split':>9}{'FD':>9}{'acc':>8}{'NFE':>5}{'img/s':>9}")
+    for r in rows:
+        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        print(f"{r['model']:<28}{r.get('steps', 0):>6}{r['split']:>9}{r['fd']:>9.3f}{r['accuracy']:>8.3f}"
+              f"{r['nfe']:>5}{ips:>9}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "n": args.n, "rows": rows, "command": " ".join(sys.argv)},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""FD (and accuracy) against training wall-clock time, from the eval_curve.jsonl of distill runs.
+
+    python benchmarks/plot_fd_curves.py runs/student runs/scm-data --out docs/fd_vs_time.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_curve(run: Path) -> list[dict]:
+    path = run / "eval_curve.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path}: missing (train with --eval-every N to record it)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", default="docs/fd_vs_time.png")
+    args = parser.parse_args()
+    fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    summary = {}
+    for run in args.runs:
+        curve = read_curve(run)
+        method = json.loads((run / "config.json").read_text())["pairs"]
+        label = f"{'TBCM' if method == 'trajectory' else 'data sCM'} ({run.name})"
+        minutes = [p["train_time_s"] / 60 for p in curve]
+        ax_fd.plot(minutes, [p["fd"] for p in curve], marker="o", label=label)
+        ax_acc.plot(minutes, [p["accuracy"] for p in curve], marker="o", label=label)
+        summary[str(run)] = curve
+    ax_fd.set(xlabel="training time (min)", ylabel="FD, 1 step (lower is better)", yscale="log")
+    ax_acc.set(xlabel="training time (min)", ylabel="all-attribute accuracy, 1 step")
+    for ax in (ax_fd, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
