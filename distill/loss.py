@@ -59,11 +59,14 @@ def consistency_tangent(student: Student, pairs: Pairs, r: float, norm_c: float)
     return f_minus, g
 
 
-def scm_loss(student: Student, pairs: Pairs, r: float, norm_c: float = 0.1):
-    """Returns (loss, stats). Per element: e^{-logvar} / (sigma_d tan t) (F - F^- - g)^2 + logvar (sCM eq. 14)."""
+def scm_loss(student: Student, pairs: Pairs, r: float, norm_c: float = 0.1, wrapped=None):
+    """Returns (loss, stats). Per element: e^{-logvar} / (sigma_d tan t) (F - F^- - g)^2 + logvar (sCM eq. 14).
+
+    `wrapped` is the same student as prepared by accelerate (DDP): the differentiable forward goes through it so
+    gradients are averaged across ranks; the JVP pass uses the plain module."""
     f_minus, g = consistency_tangent(student, pairs, r, norm_c)
-    velocity, logvar = student(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states, pairs.mask,
-                               pairs.guidance)
+    velocity, logvar = (wrapped or student)(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states,
+                                            pairs.mask, pairs.guidance)
     prior = 1.0 / (SIGMA_DATA * torch.tan(pairs.t.float()))
     per_pair = (velocity.float() - f_minus.float() - g.float()).square().flatten(1).mean(1)
     weighted = prior * torch.exp(-logvar.float()) * per_pair + logvar.float()

@@ -124,7 +124,7 @@ class Distiller:
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (self.step + 1) / max(1, config.warmup_steps))
         with self.accelerator.autocast():
-            loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c)
+            loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c, wrapped=self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import kernels
+from kernels.cuda_graphs import CudaGraphRunner, batch_chunks, pad_batch
+
 from .pipeline import Pipeline
 from .sampling import cfg_flow_model, flow_model, sample_consistency, sample_trigflow, seeded_noise, \
     teacher_sigmas, to_uint8
@@ -27,11 +30,21 @@ class Generation:
 
 
 class Generator:
-    def __init__(self, pipe: Pipeline, microbatch: int = 4):
+    """Runs a pipeline in fixed microbatches of `microbatch` rows (the last one padded): CPU and GPU kernels pick
+    different reduction orders for different batch sizes, so one fixed shape is what makes an image independent
+    of the batch it lands in. The one-step student path and the VAE decode go through `CudaGraphRunner` (CUDA
+    graphs when CUDA is present, the same padded chunks eagerly otherwise); Triton kernels are installed behind
+    `use_kernels` (default: on with CUDA)."""
+
+    def __init__(self, pipe: Pipeline, microbatch: int = 4, use_kernels: bool | None = None):
         self.pipe = pipe
-        self.microbatch = microbatch  # rows per transformer / VAE call; batches are padded to a multiple
+        self.microbatch = microbatch
         self.device = next(pipe.transformer.parameters()).device
         self.dtype = next(pipe.transformer.parameters()).dtype
+        if kernels.default_enabled() if use_kernels is None else use_kernels:
+            kernels.install(pipe.transformer)
+        self.one_step = CudaGraphRunner(self._one_step, batch_buckets=(microbatch,))
+        self.decode = CudaGraphRunner(self._decode, batch_buckets=(microbatch,))
 
     @property
     def default_steps(self) -> int:
@@ -52,28 +65,39 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _pad(self, tensor: torch.Tensor, rows: int) -> torch.Tensor:
-        """Pad dim 0 up to `rows` by repeating the last row (padded rows are computed, then dropped)."""
-        extra = rows - len(tensor)
-        return tensor if extra == 0 else torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
-
-    def _latents(self, states, mask, scale, noise, generators, steps: int) -> torch.Tensor:
+    def _velocity(self, states, mask, scale):
         pipe = self.pipe
         if pipe.is_student:
             embedded = (scale * pipe.transformer.config.guidance_embeds_scale).to(self.dtype)
-            return sample_consistency(flow_model(pipe.transformer, states, mask, guidance=embedded), noise,
-                                      generators, steps)
+            return flow_model(pipe.transformer, states, mask, guidance=embedded)
         null_states, null_mask = pipe.text.null(len(states))
-        velocity = cfg_flow_model(pipe.transformer, states, mask, null_states.to(states), null_mask.to(mask),
-                                  scale.to(self.dtype))
-        return sample_trigflow(velocity, noise, teacher_sigmas(steps, pipe.flow_shift))
+        return cfg_flow_model(pipe.transformer, states, mask, null_states.to(states), null_mask.to(mask),
+                              scale.to(self.dtype))
+
+    def _one_step(self, noise, states, mask, scale) -> torch.Tensor:
+        return sample_consistency(self._velocity(states, mask, scale), noise, [], 1)
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.pipe.vae.decode((x0 / self.pipe.vae.config.scaling_factor).to(self.pipe.vae.dtype)).sample
+
+    def _multi_step(self, noise, states, mask, scale, generators, steps: int) -> torch.Tensor:
+        """Students at 2-4 steps (fresh noise per step from each image's generator) and teachers, eagerly."""
+        rows, chunks = self.microbatch, []
+        for start, stop in batch_chunks(len(noise), rows):
+            padded = [pad_batch(t[start:stop], rows) for t in (noise, states, mask, scale)]
+            velocity = self._velocity(*padded[1:])
+            if self.pipe.is_student:
+                gens = generators[start:stop] + [torch.Generator()] * (rows - (stop - start))
+                x0 = sample_consistency(velocity, padded[0], gens, steps)
+            else:
+                x0 = sample_trigflow(velocity, padded[0], teacher_sigmas(steps, self.pipe.flow_shift))
+            chunks.append(x0[: stop - start])
+        return torch.cat(chunks)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
                  guidance: float | list[float] = DEFAULT_GUIDANCE, size: int | None = None) -> Generation:
-        """Images for prompts[i] with seeds[i]. The batch runs in chunks of exactly `microbatch` rows (the last
-        one padded): CPU kernels pick different reduction orders for different batch sizes, so a fixed shape is
-        what makes an image independent of the batch it lands in."""
+        """Images for prompts[i] with seeds[i]; one call shares steps and size, guidance may differ per image."""
         pipe, n = self.pipe, len(prompts)
         steps = self.default_steps if steps is None else steps
         size = pipe.default_size if size is None else size
@@ -89,21 +113,13 @@ class Generator:
         side = size // pipe.vae_factor
         noise, generators = seeded_noise(seeds, (pipe.latent_channels, side, side))
         noise = noise.to(self.device, self.dtype)
-        rows, chunks = self.microbatch, []
-        for i in range(0, n, rows):
-            part = slice(i, i + rows)
-            real = len(noise[part])
-            padded_generators = generators[part] + [torch.Generator()] * (rows - real)
-            x0 = self._latents(*(self._pad(t[part], rows) for t in (states, mask, scale, noise)),
-                               padded_generators, steps)
-            chunks.append(x0[:real])
-        x0 = torch.cat(chunks)
+        if pipe.is_student and steps == 1:
+            x0 = self.one_step(noise, states, mask, scale)
+        else:
+            x0 = self._multi_step(noise, states, mask, scale, generators, steps)
         self._sync()
         timings["transformer"], t0 = time.perf_counter() - t0, time.perf_counter()
 
-        decoded = torch.cat([pipe.vae.decode(self._pad(x0[i:i + rows] / pipe.vae.config.scaling_factor, rows)
-                                             .to(pipe.vae.dtype)).sample[: len(x0[i:i + rows])]
-                             for i in range(0, n, rows)])
-        images = to_uint8(decoded)
+        images = to_uint8(self.decode(x0))
         timings["vae_decode"] = time.perf_counter() - t0
         return Generation(images, timings)
