@@ -55,7 +55,7 @@ def run_one(teacher: str, pairs: str, steps: int, prompts_per_step: int, points:
         torch.cuda.reset_peak_memory_stats()
     distiller = Distiller(DistillConfig(teacher=teacher, out=str(out), pairs=pairs, steps=steps,
                                         prompts_per_step=prompts_per_step, points_per_trajectory=points,
-                                        sample_every=0, checkpoint_every=10**9))
+                                        sample_every=0, eval_every=0, checkpoint_every=10**9))
     times = []
     for _ in range(steps):
         metrics = distiller.train_step()
@@ -69,6 +69,15 @@ def run_one(teacher: str, pairs: str, steps: int, prompts_per_step: int, points:
     if torch.cuda.is_available():
         result["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def markdown_table(rows: list[dict], command: str) -> str:
+    lines = [f"`{command}`", "", "| pairs | iteration s | s / pair | peak RSS GB | CUDA max GB |", "|---|---|---|---|---|"]
+    for r in rows:
+        cuda = f"{r['cuda_max_allocated_gb']:.2f}" if "cuda_max_allocated_gb" in r else "-"
+        lines.append(f"| {r['pairs']} | {r['iteration_s']:.3f} | {r['time_per_pair_s']:.4f} | {r['peak_rss_gb']:.2f} | "
+                     f"{cuda} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -115,7 +124,8 @@ def main() -> None:
     out.write_text(json.dumps({"setting": setting, "device": device, "torch": torch.__version__,
                                "rows": rows, "tbcm_over_data_iteration_time": ratio,
                                "command": " ".join(sys.argv)}, indent=2))
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown_table(rows, " ".join(sys.argv)))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import FusedRMSNorm, reference  # noqa: E402
+from kernels.cross_attention import softmax_attention  # noqa: E402
+from kernels.layer_norm_modulate import layer_norm_modulate  # noqa: E402
+from kernels.linear_attention import linear_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -83,10 +86,12 @@ def measure(fn, smoke: bool) -> tuple[float, float | None]:
     return sorted(times)[len(times) // 2], peak
 
 
-def compare(results, section, name, baseline_label, baseline_fn, candidate_label, candidate_fn, smoke):
-    """Measure both, record one result row, never let one failure stop the run."""
-    row = dict(section=section, name=name, baseline=baseline_label, candidate=candidate_label)
-    for role, fn in (("baseline", baseline_fn), ("candidate", candidate_fn)):
+def compare(results, section, name, baseline, candidate, smoke, note=None):
+    """Measure the (label, fn) pairs baseline and candidate into one result row; a failure is recorded, not raised."""
+    row = dict(section=section, name=name, baseline=baseline[0], candidate=candidate[0])
+    if note:
+        row["note"] = note
+    for role, (_, fn) in (("baseline", baseline), ("candidate", candidate)):
         try:
             row[f"{role}_ms"], row[f"{role}_peak_mib"] = measure(fn, smoke)
         except Exception as error:  # an OOM or a capture failure is a result too
@@ -94,7 +99,7 @@ def compare(results, section, name, baseline_label, baseline_fn, candidate_label
         if CUDA:
             torch.cuda.empty_cache()
     results.append(row)
-    print(format_row(row), flush=True)
+    print(format_row(row) + (f"  ({note})" if note else ""), flush=True)
 
 
 def format_row(row) -> str:
@@ -139,26 +144,27 @@ def bench_ops(results, size: Size, smoke):
     qk_norm = RMSNorm(d, eps=1e-5).to(DEVICE, DTYPE)  # diffusers' module against the fused one sharing its weight
     ops = {  # name: (kernel fn, reference fn, inputs, reference needs math attention for jvp)
         "rms_norm (QK norm)": (FusedRMSNorm.sharing_parameters_of(qk_norm), qk_norm, [randn(b, n, d)], False),
-        "layer_norm_modulate": (kernels.layer_norm_modulate, reference.layer_norm_modulate,
+        "layer_norm_modulate": (layer_norm_modulate, reference.layer_norm_modulate,
                                 [randn(b, n, d), randn(b, 1, d, scale=0.1), randn(b, 1, d, scale=0.1)], False),
         f"linear_attention {linear_heads}x{size.linear_head_dim}": (
-            lambda q, k, v: kernels.linear_attention(q, k, v, linear_heads),
+            lambda q, k, v: linear_attention(q, k, v, linear_heads),
             lambda q, k, v: reference.linear_attention(q, k, v, linear_heads),
             [randn(b, n, d) for _ in range(3)], False),
         f"softmax_attention {size.cross_heads}x{size.cross_head_dim}": (
-            lambda q, k, v: kernels.softmax_attention(q, k, v, size.cross_heads, key_bias),
+            lambda q, k, v: softmax_attention(q, k, v, size.cross_heads, key_bias),
             lambda q, k, v: reference.softmax_attention(q, k, v, size.cross_heads, key_bias),
             [randn(b, n, cross_width), randn(b, size.caption_tokens, cross_width),
              randn(b, size.caption_tokens, cross_width)], True),
     }
     for op_name, (kernel_fn, reference_fn, inputs, math_for_jvp) in ops.items():
         name = f"{op_name} {size.name}"
-        compare(results, "forward", name, "pytorch", lambda: reference_fn(*inputs),
-                "triton", lambda: kernel_fn(*inputs), smoke)
-        compare(results, "fwd+bwd", name, "pytorch", gradient_step(reference_fn, inputs),
-                "triton", gradient_step(kernel_fn, inputs), smoke)
-        compare(results, "jvp", name, "pytorch-math" if math_for_jvp else "pytorch",
-                jvp_step(reference_fn, inputs, math_for_jvp), "triton", jvp_step(kernel_fn, inputs), smoke)
+        compare(results, "forward", name, ("pytorch", lambda: reference_fn(*inputs)),
+                ("triton", lambda: kernel_fn(*inputs)), smoke)
+        compare(results, "fwd+bwd", name, ("pytorch", gradient_step(reference_fn, inputs)),
+                ("triton", gradient_step(kernel_fn, inputs)), smoke)
+        compare(results, "jvp", name, ("pytorch-math" if math_for_jvp else "pytorch",
+                                       jvp_step(reference_fn, inputs, math_for_jvp)),
+                ("triton", jvp_step(kernel_fn, inputs)), smoke)
 
 
 def sana_transformer(layers: int, smoke: bool) -> SanaTransformer2DModel:
@@ -208,7 +214,8 @@ def bench_training(results, layers: int, smoke: bool):
         iteration()
 
     name = f"TBCM iteration 600M layout, {layers} layers, batch {inputs['latents'].shape[0]}"
-    compare(results, "training", name, "diffusers", iteration, "kernels", with_kernels, smoke)
+    note = None if layers == 28 else f"{layers} layers, not Sana 600M's 28 (--layers)"
+    compare(results, "training", name, ("diffusers", iteration), ("kernels", with_kernels), smoke, note)
     kernels.uninstall(model)
 
 
@@ -251,11 +258,10 @@ def bench_generator(results, layers: int, smoke: bool):
         side = transformer.config.sample_size
         image = f"toy {side}x{side} latent" if smoke else f"{side * 32}px"  # DC-AE f32: 32 pixels per latent
         with torch.no_grad():
-            compare(results, "generator", f"one-step {image}, {layers} layers, batch {batch}", "eager+kernels",
-                    lambda: one_step(*args), "cuda-graph" if runner.available else "runner-eager",
-                    lambda: runner(*args), smoke)
-    if not runner.available:
-        results[-1]["note"] = runner.reason
+            compare(results, "generator", f"one-step {image}, {layers} layers, batch {batch}",
+                    ("eager+kernels", lambda: one_step(*args)),
+                    ("cuda-graph" if runner.available else "runner-eager", lambda: runner(*args)), smoke,
+                    runner.reason)
 
 
 def main(argv=None) -> int:

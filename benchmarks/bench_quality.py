@@ -24,6 +24,15 @@ def parse_model(spec: str) -> tuple[str, list[int]]:
     return name, [int(s) for s in steps.split(",")]
 
 
+def markdown_table(rows: list[dict], command: str) -> str:
+    lines = [f"`{command}`", "", "| model | steps | split | FD | accuracy | NFE | images/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
+        lines.append(f"| {r['model']} | {r.get('steps', 0)} | {r['split']} | {r['fd']:.3f} | {r['accuracy']:.3f} | "
+                     f"{r['nfe']} | {ips} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="NAME_OR_FOLDER:STEPS,STEPS,...")
@@ -53,7 +62,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "n": args.n, "rows": rows, "command": " ".join(sys.argv)},
                               indent=2))
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown_table(rows, " ".join(sys.argv)))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

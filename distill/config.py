@@ -34,7 +34,7 @@ class DistillConfig:
     ema_decay: float = 0.99               # EMA of the exported student
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
     checkpoint_every: int = 50            # steps between atomic checkpoints
-    eval_every: int = 0                   # steps between FD/accuracy evaluations (0: off); for FD-vs-time curves
+    eval_every: int = 100                 # steps between FD/accuracy evaluations (0: off): FD-vs-time curves
     eval_n: int = 256                     # images per periodic evaluation
     use_kernels: bool | None = None       # Triton kernels in the student (default: on with CUDA, off on CPU)
     mixed_precision: str = "no"           # accelerate mixed precision: "no", "fp16" or "bf16"

@@ -19,7 +19,7 @@ from models.generator import Generator
 from models.pipeline import PipelineError, load_pipeline
 from models.sampling import seeded_noise
 
-TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0,
+TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
             checkpoint_every=1, tangent_warmup=2)
 
 
@@ -55,7 +55,8 @@ def run_cli(args, **kwargs):
 
 def test_sigkill_and_resume_reaches_the_same_losses(tiny_teacher_dir, tmp_path):
     common = ["--teacher", str(tiny_teacher_dir), "--prompts-per-step", "2", "--route-points", "4",
-              "--points-per-trajectory", "3", "--sample-every", "0", "--checkpoint-every", "1", "--steps", "6",
+              "--points-per-trajectory", "3", "--sample-every", "0", "--eval-every", "0", "--checkpoint-every", "1",
+              "--steps", "6",
               "--tangent-warmup", "3"]
     killed = run_cli([*common, "--out", str(tmp_path / "killed")])
     deadline = time.time() + 240
