@@ -5,19 +5,16 @@
     kernels.default_enabled()                                        # default of the kernels flag
     kernels.CudaGraphRunner                                          # per-bucket CUDA-graph replay
 
+The ops live in their modules, e.g. `from kernels.linear_attention import linear_attention`:
+rms_norm, layer_norm_modulate, linear_attention, cross_attention (softmax_attention and
+softmax_attention_with_tangent); kernels.reference holds the plain-PyTorch versions.
 This package imports nothing from the rest of the project. See docs/kernels.md.
 """
 
-from kernels.cross_attention import softmax_attention, softmax_attention_with_tangent
 from kernels.cuda_graphs import CudaGraphRunner
+from kernels.rms_norm import FusedRMSNorm
 from kernels.sana_patch import install, installed, uninstall
-from kernels.layer_norm_modulate import layer_norm_modulate
-from kernels.linear_attention import linear_attention
-from kernels.rms_norm import FusedRMSNorm, rms_norm
 from kernels.utils import available, default_enabled, reason
 
-__all__ = [
-    "CudaGraphRunner", "FusedRMSNorm", "available", "default_enabled", "install", "installed",
-    "layer_norm_modulate", "linear_attention", "reason", "rms_norm", "softmax_attention",
-    "softmax_attention_with_tangent", "uninstall",
-]
+__all__ = ["CudaGraphRunner", "FusedRMSNorm", "available", "default_enabled", "install", "installed", "reason",
+           "uninstall"]

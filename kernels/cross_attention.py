@@ -22,9 +22,12 @@ import triton.language as tl
 
 from kernels.utils import call_on_plain_tensors, check_runnable, head_block, head_tile, max_over, sum_over
 
-BLOCK_QUERIES = 64
-BLOCK_KEYS = 64
-BLOCK_KEYS_WITH_TANGENT = 32  # three accumulators instead of one: smaller key tiles keep them in registers
+# (BLOCK_M queries, BLOCK_N keys, num_warps) per pass: the largest tiles that compile without register
+# spills at head dims up to 128 on sm_90 (ptxas resource usage, tests/kernels/test_kernel_compiles.py).
+# The tangent pass keeps three accumulators instead of one, hence its smaller tiles. Not timed on a GPU yet.
+FORWARD_TILES = (64, 64, 8)
+TANGENT_TILES = (32, 32, 8)
+BACKWARD_TILES = (32, 32, 4)
 
 
 @triton.jit
@@ -168,14 +171,13 @@ def _forward_pass(q, k, v, key_bias, tq, tk, tv, heads):
     out = torch.empty_like(q)
     tout = torch.empty_like(q) if tangent else None
     lse = torch.empty(batch, heads, n_queries, dtype=torch.float32, device=q.device)
-    block_n = BLOCK_KEYS_WITH_TANGENT if tangent else BLOCK_KEYS
-    _forward_kernel[(triton.cdiv(n_queries, BLOCK_QUERIES), batch * heads)](
+    block_m, block_n, num_warps = TANGENT_TILES if tangent else FORWARD_TILES
+    _forward_kernel[(triton.cdiv(n_queries, block_m), batch * heads)](
         q, k, v, q if key_bias is None else key_bias, q if tq is None else tq, k if tk is None else tk,
         v if tv is None else tv, out, out if tout is None else tout, lse,
         n_queries, k.shape[1], heads, head_dim, head_dim ** -0.5,
         HAS_BIAS=key_bias is not None, TANGENT=tangent, HAS_TQ=tq is not None, HAS_TK=tk is not None,
-        HAS_TV=tv is not None, BLOCK_M=BLOCK_QUERIES, BLOCK_N=block_n, BLOCK_D=head_block(head_dim),
-        num_warps=8 if tangent else 4)
+        HAS_TV=tv is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(head_dim), num_warps=num_warps)
     return out, lse, tout
 
 
@@ -186,10 +188,11 @@ def _backward(q, k, v, key_bias, out, lse, dout, heads):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (q, k, v, q if key_bias is None else key_bias, dout, lse, delta)
     sizes = (n_queries, k.shape[1], heads, head_dim, head_dim ** -0.5)
-    blocks = dict(HAS_BIAS=key_bias is not None, BLOCK_M=BLOCK_QUERIES, BLOCK_N=BLOCK_KEYS,
-                  BLOCK_D=head_block(head_dim), num_warps=8)
-    _backward_key_kernel[(triton.cdiv(k.shape[1], BLOCK_KEYS), batch * heads)](*args, dk, dv, *sizes, **blocks)
-    _backward_query_kernel[(triton.cdiv(n_queries, BLOCK_QUERIES), batch * heads)](*args, dq, *sizes, **blocks)
+    block_m, block_n, num_warps = BACKWARD_TILES
+    blocks = dict(HAS_BIAS=key_bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(head_dim),
+                  num_warps=num_warps)
+    _backward_key_kernel[(triton.cdiv(k.shape[1], block_n), batch * heads)](*args, dk, dv, *sizes, **blocks)
+    _backward_query_kernel[(triton.cdiv(n_queries, block_m), batch * heads)](*args, dq, *sizes, **blocks)
     return dq, dk, dv
 
 

@@ -4,8 +4,11 @@ import pytest
 import torch
 from kernel_test_utils import check_against_reference, requires_cuda
 
-import kernels
 from kernels import reference
+from kernels.cross_attention import softmax_attention
+from kernels.layer_norm_modulate import layer_norm_modulate
+from kernels.linear_attention import linear_attention
+from kernels.rms_norm import rms_norm
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -20,13 +23,13 @@ def size(request):
 
 def test_qk_rms_norm(size):
     hidden, _, _ = size
-    check_against_reference(lambda x, w: kernels.rms_norm(x, w, 1e-5), lambda x, w: reference.rms_norm(x, w, 1e-5),
+    check_against_reference(lambda x, w: rms_norm(x, w, 1e-5), lambda x, w: reference.rms_norm(x, w, 1e-5),
                             [torch.randn(2, 1024, hidden), 1 + 0.1 * torch.randn(hidden)], torch.bfloat16)
 
 
 def test_layer_norm_modulate(size):
     hidden, _, _ = size
-    check_against_reference(kernels.layer_norm_modulate, reference.layer_norm_modulate,
+    check_against_reference(layer_norm_modulate, reference.layer_norm_modulate,
                             [torch.randn(2, 1024, hidden), 0.1 * torch.randn(2, 1, hidden),
                              0.1 * torch.randn(2, 1, hidden)], torch.bfloat16)
 
@@ -34,7 +37,7 @@ def test_layer_norm_modulate(size):
 def test_linear_attention(size):
     hidden, _, _ = size
     heads = hidden // 32
-    check_against_reference(lambda *a: kernels.linear_attention(*a, heads),
+    check_against_reference(lambda *a: linear_attention(*a, heads),
                             lambda *a: reference.linear_attention(*a, heads),
                             [torch.randn(2, 1024, hidden) for _ in range(3)], torch.bfloat16)
 
@@ -44,7 +47,7 @@ def test_cross_attention(size):
     keep = torch.ones(2, 300)
     keep[0, 120:] = 0
     bias = ((1 - keep) * -10000.0).cuda()
-    check_against_reference(lambda *a: kernels.softmax_attention(*a, heads, bias),
+    check_against_reference(lambda *a: softmax_attention(*a, heads, bias),
                             lambda *a: reference.softmax_attention(*a, heads, bias),
                             [torch.randn(2, 1024, heads * head_dim), torch.randn(2, 300, heads * head_dim),
                              torch.randn(2, 300, heads * head_dim)], torch.bfloat16)
