@@ -1,0 +1,54 @@
+"""The BentoML service: `bentoml serve service.service:TBCMService` (what `tbcm serve` runs).
+
+One worker process holds one model copy, one generator thread and the batcher (service/batcher.py); BentoML
+provides the HTTP server, /livez, /readyz (ready once the model is loaded and warmed up) and /metrics (its own
+series plus our tbcm_* ones). Scale out with replicas, not workers (docs/operators.md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import bentoml
+
+from .config import ServiceConfig
+from .engine import Engine
+from .http import build_app
+from .metrics import LATENCY_BUCKETS, worker_metrics
+
+log = logging.getLogger("tbcm.service")
+IMPORT_CONFIG = ServiceConfig.from_env()  # only for the decorator's server-side timeout; workers re-read it
+TIMEOUT_MARGIN_S = 30  # BentoML's own request timeout sits this far behind ours, as a last resort
+
+
+def current_engine() -> Engine:
+    return bentoml.get_current_service().engine
+
+
+def stop_server(message: str) -> None:
+    """The model cannot be served: say why, then stop the whole server rather than restart the worker forever."""
+    log.error("tbcm: %s", message)
+    if bentoml.server_context.worker_index is not None:  # inside `bentoml serve`: stop its arbiter, our parent
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(3)
+
+
+@bentoml.asgi_app(build_app(current_engine))
+@bentoml.service(name="tbcm", workers=1, traffic={"timeout": IMPORT_CONFIG.request_timeout_s + TIMEOUT_MARGIN_S},
+                 metrics={"enabled": True, "duration": {"buckets": list(LATENCY_BUCKETS)}})
+class TBCMService:
+    def __init__(self) -> None:
+        config = ServiceConfig.from_env()
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        self.engine = Engine(config, worker_metrics(), on_fatal=stop_server)
+
+    def __is_ready__(self) -> bool:
+        return self.engine.ready
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.engine.close()

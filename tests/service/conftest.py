@@ -1,0 +1,99 @@
+"""Service fixtures: in-process services (BentoML's ASGI app + starlette TestClient, any config) and one real
+`tbcm serve` subprocess on a free port (for what only a real server shows: /metrics from the worker, the openai
+client, load tests, hot swap under load). Both serve the tiny student."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-token"
+READY_TIMEOUT_S = 600  # a cold `bentoml serve` imports torch and diffusers; on a busy 2-core machine that is slow
+
+
+def wait_ready(get, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if get("/readyz").status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"service not ready after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def service_app():
+    """One BentoML ASGI app for the session: its middlewares register Prometheus metrics once per process; each
+    TestClient runs its lifespan anew, so every test still gets a fresh service instance with its own config."""
+    from service.service import TBCMService
+
+    return TBCMService.to_asgi()
+
+
+@pytest.fixture
+def make_service(monkeypatch, tiny_student_dir, service_app):
+    """make_service(**config) -> a started TestClient of TBCMService with that ServiceConfig (ready, unless
+    wait_ready_s=0)."""
+    from starlette.testclient import TestClient
+
+    from service.config import ServiceConfig
+
+    stack = contextlib.ExitStack()
+
+    def start(wait_ready_s: float = 120, **overrides) -> TestClient:
+        config = ServiceConfig(**{"model": str(tiny_student_dir), "threads": 1, **overrides})
+        for name, value in config.to_env().items():
+            monkeypatch.setenv(name, value)
+        client = stack.enter_context(TestClient(service_app))
+        if wait_ready_s:
+            wait_ready(client.get, wait_ready_s)
+        return client
+
+    with stack:
+        yield start
+
+
+@pytest.fixture(scope="session")
+def second_student_dir(tmp_path_factory):
+    from models.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "student-v2", student=True, seed=2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_student_dir, tmp_path_factory):
+    """`tbcm serve` of the tiny student on a free port; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("live") / "serve.log"
+    env = {**os.environ, "TBCM_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONPATH": str(REPO_ROOT)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--model", str(tiny_student_dir),
+                                 "--port", str(port), "--host", "127.0.0.1", "--threads", "1"],
+                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(lambda path: httpx.get(url + path, timeout=5), READY_TIMEOUT_S)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.returncode not in (0, -signal.SIGINT):
+            print(log_path.read_text()[-4000:])

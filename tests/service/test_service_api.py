@@ -1,0 +1,208 @@
+"""The HTTP API in-process: every endpoint, every validation error, seeds and determinism across batches."""
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import pytest
+from PIL import Image
+
+PROMPT = "a small red circle in the middle"
+
+
+@pytest.fixture
+def client(make_service):
+    return make_service(simulated_delay_s=0.0)
+
+
+def decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_generate_png_with_seed_header(client):
+    response = client.post("/generate", json={"prompt": PROMPT, "seed": 7})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "7"
+    assert "transformer;dur=" in response.headers["server-timing"]
+    assert decode(response.content).size == (16, 16)
+    again = client.post("/generate", json={"prompt": PROMPT, "seed": 7})
+    assert again.content == response.content
+
+
+def test_generate_picks_and_returns_a_seed_when_none_given(client):
+    response = client.post("/generate", json={"prompt": PROMPT})
+    seed = int(response.headers["x-seed"])
+    assert client.post("/generate", json={"prompt": PROMPT, "seed": seed}).content == response.content
+
+
+def test_generate_n_returns_base64_json_with_consecutive_seeds(client):
+    response = client.post("/generate", json={"prompt": PROMPT, "seed": 10, "n": 3, "format": "webp"})
+    assert response.status_code == 200
+    images = response.json()["images"]
+    assert [image["seed"] for image in images] == [10, 11, 12]
+    assert all(decode(base64.b64decode(image["b64"])).format == "WEBP" for image in images)
+    single = client.post("/generate", json={"prompt": PROMPT, "seed": 11, "format": "webp"})
+    assert base64.b64decode(images[1]["b64"]) == single.content
+
+
+@pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_generate_lossy_formats_and_quality(client, fmt, pil):
+    high = client.post("/generate", json={"prompt": PROMPT, "seed": 1, "format": fmt, "quality": 100})
+    low = client.post("/generate", json={"prompt": PROMPT, "seed": 1, "format": fmt, "quality": 5})
+    assert high.headers["content-type"] == f"image/{fmt}" and decode(high.content).format == pil
+    assert len(low.content) < len(high.content)
+
+
+def test_steps_and_guidance_change_the_image(client):
+    base = client.post("/generate", json={"prompt": PROMPT, "seed": 3}).content
+    assert client.post("/generate", json={"prompt": PROMPT, "seed": 3, "steps": 2}).content != base
+    assert client.post("/generate", json={"prompt": PROMPT, "seed": 3, "guidance": 9.0}).content != base
+
+
+def test_negative_prompt_is_accepted_and_reported_ignored(client):
+    plain = client.post("/generate", json={"prompt": PROMPT, "seed": 4})
+    negative = client.post("/generate", json={"prompt": PROMPT, "seed": 4, "negative_prompt": "blue"})
+    assert negative.status_code == 200 and negative.headers["x-ignored-fields"] == "negative_prompt"
+    assert negative.content == plain.content
+
+
+def test_same_seed_alone_and_inside_a_concurrent_batch_gives_identical_png(make_service):
+    client = make_service(simulated_delay_s=1.0)
+    alone = client.post("/generate", json={"prompt": PROMPT, "seed": 42})
+    assert alone.headers["x-batch-size"] == "1"
+    blocker = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": {"prompt": "x"}})
+    blocker.start()  # occupies the generator, so the next four requests queue up and share one call
+    while not client.get("/info").json()["queue"]["running"]:
+        pass
+    results = {}
+
+    def send(i: int) -> None:
+        body = {"prompt": PROMPT if i == 0 else f"a blue square number {i}", "seed": 42 if i == 0 else i,
+                "guidance": 4.5 if i == 0 else 3.0 + i}
+        results[i] = client.post("/generate", json=body)
+
+    senders = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    for thread in senders:
+        thread.start()
+    for thread in senders + [blocker]:
+        thread.join()
+    assert results[0].headers["x-batch-size"] == "4"
+    assert results[0].content == alone.content
+
+
+def test_openai_schema_in_process(client):
+    response = client.post("/v1/images/generations", json={
+        "prompt": PROMPT, "n": 2, "size": "16x16", "response_format": "b64_json", "output_format": "jpeg",
+        "output_compression": 50, "model": "anything", "quality": "auto", "user": "u1", "seed": 5, "steps": 2,
+        "guidance": 4.0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["output_format"] == "jpeg" and body["size"] == "16x16" and len(body["data"]) == 2
+    assert decode(base64.b64decode(body["data"][0]["b64_json"])).format == "JPEG"
+    assert response.headers["x-seed"] == "5"
+    assert set(response.headers["x-ignored-fields"].split(",")) == {"model", "quality", "user"}
+
+
+def test_info_names_the_live_model(client, tiny_student_dir):
+    info = client.get("/info").json()
+    assert info["ready"] is True and info["model"]["path"] == str(tiny_student_dir)
+    assert info["model"]["manifest"]["kind"] == "student" and info["model"]["max_steps"] == 4
+    assert info["config"]["max_batch"] == 8
+
+
+BAD_NATIVE = [
+    ({}, "prompt", "must be a string"),
+    ({"prompt": "   "}, "prompt", "must not be empty"),
+    ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+    ({"prompt": "red " * 40}, "prompt", "encoder tokens; at most 16"),
+    ({"prompt": 5}, "prompt", "must be a string"),
+    ({"prompt": PROMPT, "steps": 0}, "steps", "between 1 and 4"),
+    ({"prompt": PROMPT, "steps": 5}, "steps", "between 1 and 4"),
+    ({"prompt": PROMPT, "steps": 1.5}, "steps", "must be an integer"),
+    ({"prompt": PROMPT, "steps": "2"}, "steps", "got string"),
+    ({"prompt": PROMPT, "n": 0}, "n", "between 1 and 4"),
+    ({"prompt": PROMPT, "n": 5}, "n", "between 1 and 4"),
+    ({"prompt": PROMPT, "n": True}, "n", "got boolean"),
+    ({"prompt": PROMPT, "guidance": -1}, "guidance", "between 0 and 20"),
+    ({"prompt": PROMPT, "guidance": 21}, "guidance", "between 0 and 20"),
+    ({"prompt": PROMPT, "guidance": "high"}, "guidance", "must be a number"),
+    ({"prompt": PROMPT, "seed": -1}, "seed", "between 0 and 4294967295"),
+    ({"prompt": PROMPT, "seed": 2**32}, "seed", "between 0 and 4294967295"),
+    ({"prompt": PROMPT, "size": 32}, "size", "must be one of 16"),
+    ({"prompt": PROMPT, "size": "16"}, "size", "must be one of 16"),
+    ({"prompt": PROMPT, "format": "gif"}, "format", "png, jpeg, webp"),
+    ({"prompt": PROMPT, "quality": 0}, "quality", "between 1 and 100"),
+    ({"prompt": PROMPT, "quality": 101}, "quality", "between 1 and 100"),
+    ({"prompt": PROMPT, "negative_prompt": 3}, "negative_prompt", "must be a string"),
+    ({"prompt": PROMPT, "seeds": [1]}, "seeds", "unknown field"),
+]
+
+BAD_OPENAI = [
+    ({"prompt": PROMPT, "size": "32x32"}, "size", "auto or one of 16x16"),
+    ({"prompt": PROMPT, "size": "16x32"}, "size", "auto or one of 16x16"),
+    ({"prompt": PROMPT, "size": 16}, "size", "auto or one of 16x16"),
+    ({"prompt": PROMPT, "response_format": "url"}, "response_format", "must be one of b64_json"),
+    ({"prompt": PROMPT, "output_format": "svg"}, "output_format", "png, jpeg, webp"),
+    ({"prompt": PROMPT, "output_compression": 101}, "output_compression", "between 0 and 100"),
+    ({"prompt": PROMPT, "background": "transparent"}, "background", "auto, opaque"),
+    ({"prompt": PROMPT, "stream": True}, "stream", "must be one of false"),
+    ({"prompt": PROMPT, "n": 7}, "n", "between 1 and 4"),
+    ({"prompt": PROMPT, "style": 1}, "style", "must be a string"),
+    ({"prompt": PROMPT, "svg": {}}, "svg", "unknown field"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,message", [("/generate", *case) for case in BAD_NATIVE] +
+                         [("/v1/images/generations", *case) for case in BAD_OPENAI])
+def test_every_bad_field_is_a_400_naming_it(client, path, body, param, message):
+    response = client.post(path, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[1, 2]", b"\xff\xfe"])
+def test_bodies_that_are_not_json_objects_are_400(client, content):
+    response = client.post("/generate", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON object" in response.json()["error"]["message"]
+
+
+def test_oversized_bodies_are_413_declared_or_streamed(client):
+    assert client.post("/generate", content=b"x" * 70000).status_code == 413
+
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 4096
+
+    response = client.post("/generate", content=chunks())  # chunked: no content-length to trust
+    assert response.status_code == 413 and "65536" in response.json()["error"]["message"]
+
+
+def test_wrong_methods_and_paths(client):
+    assert client.get("/generate").status_code == 405
+    assert client.post("/nope", json={}).status_code == 404
+
+
+def test_admin_swap_is_disabled_without_a_token(client, monkeypatch, second_student_dir):
+    monkeypatch.delenv("TBCM_ADMIN_TOKEN", raising=False)
+    response = client.post("/admin/swap", json={"model": str(second_student_dir)})
+    assert response.status_code == 403 and "disabled" in response.json()["error"]["message"]
+
+
+def test_admin_swap_checks_the_token_and_the_model(client, monkeypatch, second_student_dir, tmp_path):
+    monkeypatch.setenv("TBCM_ADMIN_TOKEN", "secret")
+    swap = "/admin/swap"
+    assert client.post(swap, json={"model": str(second_student_dir)}).status_code == 403
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post(swap, json={"model": str(second_student_dir)}, headers=wrong).status_code == 403
+    good = {"Authorization": "Bearer secret"}
+    missing = client.post(swap, json={"model": str(tmp_path / "missing")}, headers=good)
+    assert missing.status_code == 400 and "expected a pipeline folder" in missing.json()["error"]["message"]
+    assert client.get("/info").json()["model"]["spec"] != str(second_student_dir)
+    swapped = client.post(swap, json={"model": str(second_student_dir)}, headers=good)
+    assert swapped.status_code == 200 and swapped.json()["live"]["path"] == str(second_student_dir)
+    response = client.post("/generate", json={"prompt": PROMPT, "seed": 1})
+    assert response.headers["x-model"] == str(second_student_dir)
