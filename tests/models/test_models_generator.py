@@ -116,3 +116,16 @@ def test_sizes_and_timings(student_pipe):
     assert all(isinstance(v, float) and v >= 0 for v in out.timings.values())
     bigger = generator.generate([TARGET], [1], steps=1, size=32)
     assert bigger.images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_bfloat16_pipeline_agrees_with_float32(tiny_student_dir, student_pipe, steps):
+    from models.pipeline import load_pipeline
+
+    prompts, seeds = [TARGET, OTHERS[0], OTHERS[1]], [3, 4, 5]
+    full = Generator(student_pipe).generate(prompts, seeds, steps).images.int()
+    half_pipe = load_pipeline(tiny_student_dir, dtype=torch.bfloat16)
+    assert next(half_pipe.transformer.parameters()).dtype == torch.bfloat16
+    half = Generator(half_pipe).generate(prompts, seeds, steps).images.int()
+    assert half.shape == full.shape
+    assert (half - full).abs().max() <= 12 and (half - full).abs().float().mean() < 2.0  # bf16: ~3 digits

@@ -197,3 +197,18 @@ def test_diffusers_sana_sprint_pipeline_reproduces_our_consistency_sampler(sprin
                          intermediate_timesteps=1.3 if steps == 2 else None, guidance_scale=4.5, height=32,
                          width=32, use_resolution_binning=False, output_type="latent").images
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+SHIPPED_TEACHER = pipeline_module.WEIGHTS_DIR / "teacher" / "model_index.json"
+
+
+@pytest.mark.skipif(not SHIPPED_TEACHER.exists(), reason=f"{SHIPPED_TEACHER} not shipped yet (`make world`)")
+def test_shipped_teacher_loads_and_generates():
+    pipe = load_pipeline("teacher")
+    assert not pipe.is_student and not (pipe.path / "text_encoder").exists()
+    assert pipe.info["text_encoder_package"] == TEXT_ENCODER_PACKAGE
+    assert pipe.text.width == pipe.transformer.config.caption_channels == 384  # MiniLM-L6 states
+    generator = Generator(pipe)
+    a = generator.generate([PROMPT], [0], 2).images
+    assert a.shape == (1, pipe.default_size, pipe.default_size, 3) and a.dtype == torch.uint8
+    assert torch.equal(generator.generate([PROMPT], [0], 2).images, a)
