@@ -12,7 +12,7 @@ class DistillConfig:
     pairs: str = "trajectory"             # "trajectory" (TBCM, image-free) or "data" (sCM on real world images)
     rollouts: str | None = None           # folder of `tbcm rollout` shards to read instead of rolling out
     seed: int = 0                         # everything is a function of it (per rank: seed + rank)
-    steps: int = 400                      # optimizer steps
+    steps: int = 250                      # optimizer steps
     time_budget_s: float = 0.0            # also stop once training time (evals excluded) reaches this; 0: off
     prompts_per_step: int = 8             # prompts per step per rank (TBCM) / images are prompts x points (data)
     route_points: int = 16                # K, points of the reference route (teacher NFE = 2K per prompt)

@@ -58,7 +58,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     (Heusel et al. 2017, eq. 6), in float64 with symmetric square roots."""
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
 
     def sqrtm(m: torch.Tensor) -> torch.Tensor:
         vals, vecs = torch.linalg.eigh((m + m.T) / 2)

@@ -99,6 +99,8 @@ class Generator:
                  guidance: float | list[float] = DEFAULT_GUIDANCE, size: int | None = None) -> Generation:
         """Images for prompts[i] with seeds[i]; one call shares steps and size, guidance may differ per image."""
         pipe, n = self.pipe, len(prompts)
+        if n == 0 or n != len(seeds):
+            raise ValueError(f"prompts and seeds must be non-empty lists of equal length, got {n} and {len(seeds)}")
         steps = self.default_steps if steps is None else steps
         size = pipe.default_size if size is None else size
         self.check(steps, size)

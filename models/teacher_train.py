@@ -36,7 +36,7 @@ class TeacherConfig:
     max_sequence_length: int = 32     # encoder tokens per caption (padding included)
     caption_dropout: float = 0.1      # share of captions replaced by "" (the CFG null prompt)
     logit_mean: float = 0.0           # s = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3 eq. 19)
-    logit_std: float = 1.0
+    logit_std: float = 1.0            #   standard deviation of that normal
     num_layers: int = 6               # SanaTransformerBlocks
     heads: int = 4                    # self- and cross-attention heads
     head_dim: int = 32                # channels per head (Sana's linear attention uses 32)

@@ -57,8 +57,6 @@ def test_fd_of_diagonal_gaussians_has_the_closed_form():
     assert frechet_distance(a[:, 2:4], b[:, 2:4]) == pytest.approx(2**2 + 1**2 + 0.5**2 + 1.5**2, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: torch.cov of one feature is 0-d, and eigh needs a matrix (models/evaluator.py:61)")
 def test_fd_of_one_dimensional_features():
     a = whitened(50, 1, 0) * 2.0 + 1.0
     b = whitened(60, 1, 1) * 0.5 - 1.0
