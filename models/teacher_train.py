@@ -24,7 +24,7 @@ DATASET = "dataset.safetensors"
 @dataclass
 class TeacherConfig:
     seed: int = 0                     # everything is a function of it
-    steps: int = 3000                 # optimizer steps
+    steps: int = 2000                 # optimizer steps
     batch_size: int = 64              # latents per step
     lr: float = 5e-4                  # AdamW peak learning rate
     warmup_steps: int = 200           # linear warm-up
