@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from diffusers import SCMScheduler
 
 from models import world
+from models.acceleration import maybe_install_kernels
 from models.evaluate import EvalConfig, evaluate, save_grid
 from models.generator import Generator
 from models.pipeline import Pipeline, load_pipeline
@@ -68,10 +69,7 @@ class Distiller:
         self.student = Student(student_from_teacher(self.teacher.transformer)).train()
         self.ema = student_from_teacher(self.teacher.transformer).eval().requires_grad_(False)
         self.ema.load_state_dict(self.student.transformer.state_dict())
-        if config.use_kernels if config.use_kernels is not None else torch.cuda.is_available():
-            import kernels
-
-            kernels.install(self.student.transformer)
+        maybe_install_kernels(self.student.transformer, config.use_kernels)
         optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
 from kernels.cuda_graphs import CudaGraphRunner, batch_chunks, pad_batch
 
+from .acceleration import maybe_install_kernels
 from .pipeline import Pipeline
 from .sampling import cfg_flow_model, flow_model, sample_consistency, sample_trigflow, seeded_noise, \
     teacher_sigmas, to_uint8
@@ -41,8 +41,7 @@ class Generator:
         self.microbatch = microbatch
         self.device = next(pipe.transformer.parameters()).device
         self.dtype = next(pipe.transformer.parameters()).dtype
-        if kernels.default_enabled() if use_kernels is None else use_kernels:
-            kernels.install(pipe.transformer)
+        self.kernels_installed = maybe_install_kernels(pipe.transformer, use_kernels)
         self.one_step = CudaGraphRunner(self._one_step, batch_buckets=(microbatch,))
         self.decode = CudaGraphRunner(self._decode, batch_buckets=(microbatch,))
 
