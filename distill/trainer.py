@@ -186,6 +186,8 @@ class Distiller:
                     self.evaluate_now()
             if self.step % config.checkpoint_every == 0 and self.step < config.steps:
                 self.save()
+        if config.eval_every and self.step % config.eval_every and self.accelerator.is_main_process:
+            self.evaluate_now()  # the curve's last point is where training stopped
         self.save()  # the final state, whether the step count or the time budget ended the run
         if log:
             log.close()
