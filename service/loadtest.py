@@ -214,6 +214,7 @@ def loadtest(url: str, config: LoadTestConfig) -> dict:
     report = {"url": url, "config": asdict(config), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **report}
     if config.json_out:
+        Path(config.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(config.json_out).write_text(json.dumps(report, indent=2))
     return report
 

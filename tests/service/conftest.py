@@ -17,7 +17,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "test-admin-token"
-READY_TIMEOUT_S = 600  # a cold `bentoml serve` imports torch and diffusers; on a busy 2-core machine that is slow
+READY_TIMEOUT_S = 1800  # a cold `bentoml serve` imports torch and diffusers: seconds normally, many minutes on a starved CPU
 
 
 def wait_ready(get, timeout: float) -> None:
@@ -67,6 +67,11 @@ def second_student_dir(tmp_path_factory):
     from models.tiny import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "student-v2", student=True, seed=2)
+
+
+@pytest.fixture(scope="session")
+def admin_headers():
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def free_port() -> int:

@@ -1,0 +1,220 @@
+"""Serving benchmark: the in-process generator against the HTTP service, batching gain, tail latency under
+Poisson load, and overload behaviour, in one run on this machine. Prints a table and writes JSON.
+
+    python benchmarks/bench_serving.py                    # the shipped student (an error if it is missing)
+    python benchmarks/bench_serving.py --model teacher    # or a pipeline folder, or --tiny (a tiny random student)
+
+Goals: HTTP p50 at concurrency 1 <= 1.15x the generator's p50 at batch 1; throughput at 16 clients >= 2.5x one
+client; Poisson at 70% of the 16-client throughput: p99 <= 4x the unloaded HTTP p50; 3x that rate for
+--overload-s: only 200/429/503, no 5xx, RSS flat (within 10%), and full recovery (c=1 p50 back within 25%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from service.loadtest import LoadTestConfig, run_load  # noqa: E402
+
+PROMPT = "a small red circle in the middle"
+SHED = {"200", "429", "503"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="student", help="shipped name, pipeline folder or model-store tag")
+    parser.add_argument("--tiny", action="store_true", help="benchmark a tiny random student instead (smoke run)")
+    parser.add_argument("--duration-s", type=float, default=15.0, help="measured seconds of each load phase")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each phase")
+    parser.add_argument("--overload-s", type=float, default=60.0, help="seconds of 3x overload")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in generator and server (0: default)")
+    parser.add_argument("--json-out", default="runs/bench/serving.json", help="where the JSON report goes")
+    return parser.parse_args()
+
+
+def machine() -> dict:
+    import bentoml
+    import diffusers
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "bentoml": bentoml.__version__}
+
+
+def generator_p50(path: Path, threads: int, calls: int = 30) -> float:
+    """Milliseconds per generate() of one image (text encoding + transformer + VAE decode), in-process, warm."""
+    import torch
+
+    from models.generator import Generator
+    from models.pipeline import load_pipeline
+    from service.config import ServiceConfig
+    from service.runtime import pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = ServiceConfig()
+    generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=config.microbatch)
+    for seed in range(3):
+        generator.generate([PROMPT], [seed])
+    times = []
+    for seed in range(calls):
+        started = time.perf_counter()
+        generator.generate([PROMPT], [seed])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def start_server(model: str, threads: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "cli.main", "serve", "--model", model, "--port", str(port), "--host",
+               "127.0.0.1", "--threads", str(threads)]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"bench_serving: the service for {model!r} did not become ready (exit code {proc.poll()})")
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def overload(url: str, load: LoadTestConfig, pid: int) -> dict:
+    """Open-loop overload in a thread while RSS is sampled every second."""
+    import threading
+
+    reports, samples = [], []
+    thread = threading.Thread(target=lambda: reports.append(run_load(url, load)))
+    thread.start()
+    while thread.is_alive():
+        samples.append(rss_mb(pid))
+        thread.join(timeout=1.0)
+    return {**reports[0], "rss_mb_samples": [round(s, 1) for s in samples]}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from service.runtime import resolve_spec
+
+    tiny_dir = None
+    if args.tiny:
+        from models.tiny import make_tiny_pipeline
+
+        tiny_dir = tempfile.TemporaryDirectory()
+        model = str(make_tiny_pipeline(Path(tiny_dir.name) / "student", student=True, seed=1))
+    else:
+        model = args.model
+    path = resolve_spec(model)  # a missing model is an error here, never a silent fallback
+    info = json.loads((path / "tbcm.json").read_text()) if (path / "tbcm.json").exists() else {}
+    report = {"machine": machine(), "model": {"spec": "tiny" if args.tiny else model, "path": str(path),
+                                              "manifest": info}, "phases": {}}
+    phases = report["phases"]
+    phases["generator_batch1_p50_ms"] = round(generator_p50(path, args.threads), 2)
+    proc, url = start_server(str(path), args.threads)
+    try:
+        base = LoadTestConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, progress=False, slo_ms=1e9)
+        phases["c1"] = run_load(url, replace(base, mode="closed", concurrency=1))
+        phases["c16"] = run_load(url, replace(base, mode="closed", concurrency=16))
+        sustainable = phases["c16"]["throughput_rps"]
+        phases["poisson70"] = run_load(url, replace(base, mode="open", rate=0.7 * sustainable))
+        rss_before = rss_mb(proc.pid)
+        phases["overload3x"] = overload(url, replace(base, mode="open", rate=3 * sustainable,
+                                                     duration_s=args.overload_s), proc.pid)
+        phases["overload3x"]["rss_mb_before"] = round(rss_before, 1)
+        while httpx.get(url + "/info", timeout=30).json()["queue"]["waiting"]:
+            time.sleep(0.5)
+        phases["recovery_c1"] = run_load(url, replace(base, mode="closed", concurrency=1))
+        phases["ready_after"] = httpx.get(url + "/readyz", timeout=30).status_code
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    report["goals"] = goals(phases)
+    return report
+
+
+def goals(p: dict) -> dict:
+    c1_p50 = p["c1"]["latency_ms"]["p50"]
+    rss = p["overload3x"]["rss_mb_samples"]
+    statuses = set(p["overload3x"]["status_counts"])
+    checks = {
+        "http_c1_p50 / generator_p50 <= 1.15": (c1_p50 / p["generator_batch1_p50_ms"], 1.15, "le"),
+        "throughput c16 / c1 >= 2.5": (p["c16"]["throughput_rps"] / p["c1"]["throughput_rps"], 2.5, "ge"),
+        "poisson70 p99 / c1 p50 <= 4": (p["poisson70"]["latency_ms"]["p99"] / c1_p50, 4.0, "le"),
+        "overload: max RSS / RSS before <= 1.10": (max(rss) / p["overload3x"]["rss_mb_before"], 1.10, "le"),
+        "recovery c1 p50 / c1 p50 <= 1.25": (p["recovery_c1"]["latency_ms"]["p50"] / c1_p50, 1.25, "le"),
+    }
+    result = {name: {"value": round(value, 3), "goal": goal, "met": value <= goal if op == "le" else value >= goal}
+              for name, (value, goal, op) in checks.items()}
+    result["overload: only 200/429/503"] = {"value": sorted(statuses), "goal": sorted(SHED),
+                                            "met": statuses <= SHED}
+    result["recovery: all 200 and ready"] = {"value": [sorted(p["recovery_c1"]["status_counts"]), p["ready_after"]],
+                                             "goal": [["200"], 200], "met": set(p["recovery_c1"]["status_counts"])
+                                             == {"200"} and p["ready_after"] == 200}
+    return result
+
+
+def table(report: dict) -> str:
+    p = report["phases"]
+    rows = [("generator, batch 1, in-process", f"p50 {p['generator_batch1_p50_ms']:.1f} ms", "")]
+    for name, label in (("c1", "HTTP closed loop, 1 client"), ("c16", "HTTP closed loop, 16 clients"),
+                        ("poisson70", "HTTP Poisson, 70% of c16 throughput"), ("overload3x", "HTTP open, 3x"),
+                        ("recovery_c1", "HTTP closed loop, 1 client, after")):
+        run = p[name]
+        lat = run["latency_ms"]
+        latency = f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} ms" if lat else "no 200s"
+        rows.append((label, latency, f"{run['throughput_rps']:.2f} ok/s {run['status_counts']}"))
+    lines = [f"model {report['model']['spec']} ({report['model']['path']}); {report['machine']['cpu']}, "
+             f"{report['machine']['cpus']} CPUs, load {report['machine']['loadavg_at_start'][0]:.1f}"]
+    lines += [f"{a:<40} {b:<28} {c}" for a, b, c in rows]
+    lines += [f"{'MET ' if g['met'] else 'MISS'} {name}: {g['value']}" for name, g in report["goals"].items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        report = run(args)
+    except ValueError as err:  # PipelineError: the model is missing or broken
+        print(f"bench_serving: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(table(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The CLI and config plumbing, and the load tester's statistics and sweep, without a server."""
+from __future__ import annotations
+
+import pytest
+
+from service.config import ServiceConfig
+from service.loadtest import LoadTestConfig, Recorder, percentile
+
+
+def test_serve_fails_fast_naming_a_missing_model(tmp_path, capsys):
+    from cli.main import main
+
+    missing = tmp_path / "no-such-model"
+    assert main(["serve", "--model", str(missing), "--port", "1"]) == 2
+    error = capsys.readouterr().err
+    assert str(missing) in error and "BentoML model-store tag" in error
+
+
+def test_serve_help_shows_every_knob_with_its_comment(capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-batch MAX_BATCH most images in one generator call" in help_text
+    assert "--request-timeout-s" in help_text and "--simulated-delay-s" in help_text
+
+
+def test_config_round_trips_through_the_environment():
+    config = ServiceConfig(model="/m", max_batch=3, request_timeout_s=2.5, sizes="16,32")
+    assert ServiceConfig.from_env(config.to_env()) == config
+    assert config.size_list() == [16, 32]
+
+
+@pytest.mark.parametrize("env,message", [({"TBCM_MAX_BATCH": "lots"}, "TBCM_MAX_BATCH='lots'"),
+                                         ({"TBCM_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
+                                         ({"TBCM_DEFAULT_FORMAT": "gif"}, "default_format"),
+                                         ({"TBCM_SIZES": "16,big"}, "sizes must be")])
+def test_bad_config_is_refused_naming_the_knob(env, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig.from_env(env)
+
+
+def test_percentile_is_nearest_rank():
+    values = sorted(range(1, 101))
+    assert [percentile(values, q) for q in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_report_counts_only_the_measured_window_and_goodput_against_the_slo():
+    recorder = Recorder(LoadTestConfig(warmup_s=1, duration_s=2, slo_ms=100, body='{"n": 2}'))
+    recorder.add(0.5, "200", 5.0)                  # warm-up: excluded
+    for i, latency in enumerate([0.05, 0.08, 0.2]):
+        recorder.add(1.0 + i * 0.5, "200", latency)
+    recorder.add(2.9, "429", 0.001)
+    recorder.add(3.0, "200", 0.01)                 # after the window: excluded
+    report = recorder.report()
+    assert report["requests"] == 4 and report["status_counts"] == {"200": 3, "429": 1}
+    assert report["latency_ms"]["max"] == 200.0 and report["latency_ms"]["p50"] == 80.0
+    assert report["throughput_rps"] == 1.5 and report["images_per_s"] == 3.0
+    assert report["goodput_rps"] == 1.0 and report["slo_met_fraction"] == 0.5
+
+
+def test_sweep_doubles_then_bisects_to_the_highest_rate_meeting_the_slo(monkeypatch):
+    import service.loadtest as loadtest
+
+    def fake_run(url, config):  # a server that meets the SLO up to 10 requests/s
+        ok = config.rate <= 10
+        return {"requests": 100, "slo_met_fraction": 1.0 if ok else 0.5, "rate": config.rate}
+
+    monkeypatch.setattr(loadtest, "run_load", fake_run)
+    result = loadtest.sweep("http://x", LoadTestConfig(rate=1, sweep_probes=4))
+    assert [probe["rate"] for probe in result["probes"]] == [1, 2, 4, 8, 16, 12, 10, 11, 10.5]
+    assert result["best_rate"] == 10 and result["first_failing_rate"] == 10.5
