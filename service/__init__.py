@@ -1,1 +1,1 @@
-"""service"""
+"""The image service: BentoML service (service.service:TBCMService), batcher, HTTP API, metrics, load tester."""

@@ -20,9 +20,9 @@ class ServiceConfig:
     model: str = "student"  # pipeline folder, shipped name (student, teacher) or BentoML model-store tag (name:version)
     sizes: str = ""  # allowed square image sizes in pixels, comma-separated; empty: the model's default size only
     max_batch: int = 8  # most images in one generator call; requests with equal (steps, size) share a call
-    microbatch: int = 4  # rows per transformer/VAE pass; calls are padded to a multiple, so images never depend on the batch
+    microbatch: int = 4  # rows per transformer/VAE pass (calls are padded to a multiple: batch-independent images)
     max_queue: int = 64  # requests waiting for the generator; one more is answered 429 at once
-    request_timeout_s: float = 10.0  # a request not answered by then gets 504; one that cannot make it gets 503 up front
+    request_timeout_s: float = 10.0  # unanswered by then: 504; estimated to miss it: 503 up front
     max_n: int = 4  # most images per request
     max_prompt_chars: int = 2000  # longer prompts get 400 before tokenising (the encoder-token limit is the model's)
     max_guidance: float = 20.0  # guidance scale allowed in [0, max_guidance]

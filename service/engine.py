@@ -2,8 +2,8 @@
 one request's path through them (queue, generator call, image encoding), with its metrics.
 
 Hot swap: the new model is loaded in a thread beside the old one, warmed up on the generator thread between
-two batches, then becomes live with one reference assignment; requests already queued keep the model they were validated against (see batcher.py), so
-no request fails or changes model mid-flight.
+two batches, then becomes live with one reference assignment; requests already queued keep the model they were
+validated against (see batcher.py), so no request fails or changes model mid-flight.
 """
 from __future__ import annotations
 

@@ -66,6 +66,7 @@ class Recorder:
         self.config = config
         self.outcomes: list[tuple[float, str, float]] = []  # (start offset, status, latency seconds)
         self.in_flight = 0
+        self.max_send_lag = 0.0  # open loop: how far behind schedule the client itself fell (its own limit)
 
     def begin(self) -> None:
         self.in_flight += 1
@@ -107,7 +108,8 @@ class Recorder:
                 "throughput_rps": round(len(ok) / config.duration_s, 3),
                 "images_per_s": round(len(ok) * images_each / config.duration_s, 3),
                 "slo_ms": config.slo_ms, "goodput_rps": round(good / config.duration_s, 3),
-                "slo_met_fraction": round(good / len(rows), 4) if rows else 0.0}
+                "slo_met_fraction": round(good / len(rows), 4) if rows else 0.0,
+                "client_send_lag_ms_max": round(self.max_send_lag * 1000, 1)}
 
 
 async def _send(client: httpx.AsyncClient, config: LoadTestConfig, body: dict) -> str:
@@ -140,6 +142,7 @@ async def _open_loop(client, config: LoadTestConfig, recorder: Recorder, t0: flo
 
     while offset < config.warmup_s + config.duration_s:
         await asyncio.sleep(max(0.0, t0 + offset - loop.time()))
+        recorder.max_send_lag = max(recorder.max_send_lag, loop.time() - (t0 + offset))
         if recorder.in_flight >= config.max_in_flight:
             recorder.add(offset, "client_overflow", 0.0)
         else:
@@ -165,7 +168,8 @@ async def _closed_loop(client, config: LoadTestConfig, recorder: Recorder, t0: f
 
 async def _run(url: str, config: LoadTestConfig) -> dict:
     connections = config.max_in_flight if config.mode == "open" else config.concurrency
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # idle connections are dropped before uvicorn's 5 s keep-alive timeout would close them under a request
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0)
     recorder = Recorder(config)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=config.timeout_s, limits=limits) as client:
         loop = asyncio.get_running_loop()
@@ -227,9 +231,10 @@ def summary(report: dict) -> str:
         load = f"open {run['rate']:g}/s {run['arrival']}" if run["mode"] == "open" else \
             f"closed x{run['concurrency']}"
         lat = " ".join(f"{k} {v:g}" for k, v in run["latency_ms"].items())
+        lag = f", client send lag max {run['client_send_lag_ms_max']:g} ms" if run["mode"] == "open" else ""
         lines.append(f"{load}: {run['requests']} requests, {run['throughput_rps']:g} ok/s, goodput "
                      f"{run['goodput_rps']:g}/s (SLO {run['slo_ms']:g} ms), latency ms: {lat or 'none'}, "
-                     f"status {run['status_counts']}")
+                     f"status {run['status_counts']}{lag}")
     if report.get("sweep"):
         lines.append(f"highest rate meeting p99 <= {report['slo_ms']:g} ms: {report['best_rate']} req/s "
                      f"(first failing: {report['first_failing_rate']})")

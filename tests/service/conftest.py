@@ -17,7 +17,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "test-admin-token"
-READY_TIMEOUT_S = 1800  # a cold `bentoml serve` imports torch and diffusers: seconds normally, many minutes on a starved CPU
+READY_TIMEOUT_S = 1800  # a cold `bentoml serve` imports torch and diffusers: many minutes on a starved CPU
 
 
 def wait_ready(get, timeout: float) -> None:
