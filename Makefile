@@ -33,7 +33,9 @@ world: install
 	$(BIN)/tbcm world train-vae --seed $(SEED) --out runs/world/vae
 	$(BIN)/tbcm world train-evaluator --seed $(SEED) --out runs/world/evaluator
 	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher
-	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher
+	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher-annealed \
+		--init-from runs/world/teacher/transformer --steps 3000 --warmup-steps 100 --cosine-decay
+	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher-annealed
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
 student: install

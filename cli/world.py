@@ -25,9 +25,11 @@ def register(sub) -> None:
         p.set_defaults(handler=handler, config_cls=cls)
     ship = world_sub.add_parser("ship", help="assemble the shipped teacher pipeline folder and evaluator")
     ship.add_argument("--vae", required=True)
-    ship.add_argument("--evaluator", required=True)
+    ship.add_argument("--evaluator", default=None, help="train-evaluator run folder (default: keep the shipped one)")
     ship.add_argument("--teacher", required=True)
     ship.add_argument("--weights", default=None, help="destination (default: the repo's weights/)")
+    ship.add_argument("--eval-n", type=int, default=512,
+                      help="images per split for the teacher's 16-step eval recorded in tbcm.json (0: skip)")
     ship.set_defaults(handler=ship_world)
 
     gen = sub.add_parser("generate", help="generate images from a prompt with a teacher or student")
@@ -72,7 +74,8 @@ def train_teacher(args) -> None:
 def ship_world(args) -> None:
     from models.ship import ship_world as run
 
-    run(Path(args.vae), Path(args.evaluator), Path(args.teacher), Path(args.weights) if args.weights else None)
+    run(Path(args.vae), Path(args.evaluator) if args.evaluator else None, Path(args.teacher), Path(args.weights) if args.weights else None,
+        args.eval_n)
 
 
 def generate(args) -> None:

@@ -139,9 +139,9 @@ class Distiller:
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "r": r, "pairs_per_s": len(pairs.t) / elapsed,
                 **stats, **{k: v for k, v in self.counters.items() if k != "pairs"}}
 
-    def pipeline(self, use_ema: bool = True) -> Pipeline:
-        transformer = self.ema if use_ema else self.accelerator.unwrap_model(self.model).transformer
-        return student_pipeline(self.teacher, transformer)
+    def pipeline(self) -> Pipeline:
+        """The student as a pipeline, with the EMA weights (what is sampled, evaluated and exported)."""
+        return student_pipeline(self.teacher, self.ema)
 
     def sample_grid(self) -> Path:
         """Fixed prompts and seeds at 1, 2 and 4 steps: one row per step count."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderDC, SanaTransformer2DModel
 
+from .evaluate import EvalConfig, evaluate
 from .evaluator import Evaluator
 from .pipeline import TEXT_ENCODER_PACKAGE, WEIGHTS_DIR, Pipeline, default_scheduler, embedded_text_encoder, \
     save_pipeline
@@ -22,9 +23,23 @@ def run_record(run: Path) -> dict:
             "report": json.loads(report.read_text()) if report.exists() else None}
 
 
-def ship_world(vae_run: Path, evaluator_run: Path, teacher_run: Path, weights: Path | None = None) -> Path:
+def component_record(folder: Path, key: str) -> dict | None:
+    """The record of a run folder, or of a shipped pipeline folder's component (its tbcm.json[key])."""
+    if (folder / CHECKPOINT).exists():
+        return run_record(folder)
+    manifest = folder / "tbcm.json"
+    return json.loads(manifest.read_text()).get(key) if manifest.exists() else None
+
+
+def ship_world(vae_run: Path, evaluator_run: Path | None, teacher_run: Path, weights: Path | None = None,
+               eval_n: int = 512) -> Path:
+    """Write weights/evaluator (unless evaluator_run is None: keep the shipped one) and weights/teacher; with
+    eval_n > 0 the teacher's 16-step eval on both splits goes into its tbcm.json. `vae_run` may also be a shipped
+    pipeline folder, and a teacher run continued from one (init_from) records where it started."""
     weights = Path(weights or WEIGHTS_DIR)
     teacher_record = run_record(teacher_run)
+    init_from = teacher_record["config"].get("init_from", "")
+    teacher_record["init_run"] = component_record(Path(init_from).parent, "teacher_run") if init_from else None
     config = teacher_record["config"]
     pipe = Pipeline(SanaTransformer2DModel.from_pretrained(teacher_run / "transformer", use_safetensors=True),
                     AutoencoderDC.from_pretrained(vae_run / "vae", use_safetensors=True),
@@ -32,8 +47,21 @@ def ship_world(vae_run: Path, evaluator_run: Path, teacher_run: Path, weights: P
                     default_scheduler(False, config["sample_shift"]))
     info = {"kind": "teacher", "image_size": config["image_size"],
             "max_sequence_length": config["max_sequence_length"], "text_encoder_package": TEXT_ENCODER_PACKAGE,
-            "made_by": "make world", "vae_run": run_record(vae_run), "teacher_run": teacher_record}
+            "made_by": "make world", "vae_run": component_record(vae_run, "vae_run"),
+            "teacher_run": teacher_record, "eval": {}}
+    if evaluator_run is not None:
+        ship_evaluator(evaluator_run, weights)
+    for split in ("train", "heldout") if eval_n else ():
+        result = evaluate(EvalConfig(model="teacher", steps=16, prompts=split, n=eval_n,
+                                     evaluator=str(weights / "evaluator")), pipe)
+        info["eval"][split] = {k: result[k] for k in ("fd", "accuracy", "accuracy_per_attribute", "nfe", "steps")}
+        print(f"teacher, 16 steps, {split}: FD {result['fd']:.1f}, accuracy {result['accuracy']:.3f}")
     save_pipeline(pipe, weights / "teacher", info)
+    print(f"shipped {weights / 'teacher'} and {weights / 'evaluator'}")
+    return weights
+
+
+def ship_evaluator(evaluator_run: Path, weights: Path) -> None:
     evaluator = Evaluator.load(evaluator_run / "evaluator")
     tmp = weights / "evaluator.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -41,5 +69,3 @@ def ship_world(vae_run: Path, evaluator_run: Path, teacher_run: Path, weights: P
     (tmp / "record.json").write_text(json.dumps(run_record(evaluator_run), indent=2))
     shutil.rmtree(weights / "evaluator", ignore_errors=True)
     tmp.rename(weights / "evaluator")
-    print(f"shipped {weights / 'teacher'} and {weights / 'evaluator'}")
-    return weights

@@ -42,6 +42,8 @@ class TeacherConfig:
     head_dim: int = 32                # channels per head (Sana's linear attention uses 32)
     mlp_ratio: float = 2.5            # GLUMBConv expansion
     sample_shift: float = 2.5         # flow shift of the shipped sampler's schedule (scheduler config)
+    init_from: str = ""               # transformer folder to continue from (model and EMA); "" = random init
+    cosine_decay: bool = False        # anneal the lr to 0 over the run after warm-up (cosine)
 
 
 def build_teacher(config: TeacherConfig, latent_channels: int, latent_size: int, caption_channels: int):
@@ -96,7 +98,10 @@ def train_teacher(config: TeacherConfig, vae: AutoencoderDC, text: TextEncoder, 
     latents, states, masks = data["latents"], data["states"], data["masks"]
     null_states, null_mask = text.null(1)
     torch.manual_seed(config.seed)
-    build = lambda: build_teacher(config, latents.shape[1], latents.shape[-1], states.shape[-1])  # noqa: E731
+    if config.init_from:
+        build = lambda: SanaTransformer2DModel.from_pretrained(config.init_from, use_safetensors=True)  # noqa: E731
+    else:
+        build = lambda: build_teacher(config, latents.shape[1], latents.shape[-1], states.shape[-1])  # noqa: E731
     model, ema = build(), build()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -147,11 +148,22 @@ def truncate_log(out: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def learning_rate(config, step: int) -> float:
+    """Linear warm-up to config.lr, then constant or (config.cosine_decay) cosine-annealed to 0 at the last step."""
+    if step <= config.warmup_steps:
+        return config.lr * step / max(1, config.warmup_steps)
+    if not getattr(config, "cosine_decay", False):
+        return config.lr
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))  # SGDR eq. 5 with eta_min = 0
+
+
 def train_loop(out: Path, config, model: torch.nn.Module, loss_fn, ema: torch.nn.Module | None = None,
                resume: bool = False, desc: str = "train") -> torch.nn.Module:
     """AdamW with linear warm-up, grad clipping, EMA, periodic atomic checkpoints and exact resume.
 
-    `config` needs seed, steps, lr, warmup_steps, grad_clip, ema_decay, checkpoint_every; `loss_fn(step)` returns
+    `config` needs seed, steps, lr, warmup_steps, grad_clip, ema_decay, checkpoint_every (and may set
+    cosine_decay); `loss_fn(step)` returns
     (loss, {name: value}) and draws all its randomness from torch's and Python's global generators, which the
     checkpoint carries, so a resumed run continues exactly. Returns the EMA model (or the model).
     """
@@ -169,7 +181,7 @@ def train_loop(out: Path, config, model: torch.nn.Module, loss_fn, ema: torch.nn
     log = RunLog(out, config.steps, start, desc)
     for step in range(start + 1, config.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
+            group["lr"] = learning_rate(config, step)
         loss, metrics = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

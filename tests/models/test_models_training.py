@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import models.training as training
-from models.training import (CHECKPOINT, atomic_write_safetensors, check_resume_config, load_checkpoint,
-                             read_safetensors, save_checkpoint, train_loop)
+from models.training import (CHECKPOINT, atomic_write_safetensors, check_resume_config, learning_rate,
+                             load_checkpoint, read_safetensors, save_checkpoint, train_loop)
 
 
 @dataclasses.dataclass
@@ -196,3 +196,19 @@ def test_check_resume_config(tmp_path):
     # and train_loop refuses to resume with a changed config
     with pytest.raises(ValueError, match="seed"):
         train_loop(tmp_path, dataclasses.replace(config, seed=1), model, make_loss(model), resume=True)
+
+
+@dataclasses.dataclass
+class CosineConfig(LoopConfig):
+    cosine_decay: bool = True
+
+
+def test_learning_rate_warms_up_then_stays_or_anneals_to_zero():
+    constant, cosine = LoopConfig(steps=11, warmup_steps=3), CosineConfig(steps=11, warmup_steps=3)
+    for config in (constant, cosine):  # the same linear warm-up
+        assert [learning_rate(config, s) for s in (1, 2, 3)] == pytest.approx([0.01, 0.02, 0.03])
+    assert [learning_rate(constant, s) for s in (4, 7, 11)] == [0.03, 0.03, 0.03]
+    annealed = [learning_rate(cosine, s) for s in range(3, 12)]
+    assert annealed[0] == pytest.approx(0.03) and annealed[4] == pytest.approx(0.015)  # half way: half the lr
+    assert annealed[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(annealed, annealed[1:]))
