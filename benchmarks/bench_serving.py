@@ -83,12 +83,13 @@ def generator_p50(path: Path, threads: int, calls: int = 30) -> float:
     return statistics.median(times) * 1000
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`tbcm serve` on a free local port (plus `extra_args`, e.g. ("--microbatch", "1")), once /readyz is 200."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "cli.main", "serve", "--model", model, "--port", str(port), "--host",
-               "127.0.0.1", "--threads", str(threads)]
+               "127.0.0.1", "--threads", str(threads), *extra_args]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
