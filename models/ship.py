@@ -57,7 +57,7 @@ def ship_world(vae_run: Path, evaluator_run: Path | None, teacher_run: Path, wei
         info["eval"][split] = {k: result[k] for k in ("fd", "accuracy", "accuracy_per_attribute", "nfe", "steps")}
         print(f"teacher, 16 steps, {split}: FD {result['fd']:.1f}, accuracy {result['accuracy']:.3f}")
     save_pipeline(pipe, weights / "teacher", info)
-    print(f"shipped {weights / 'teacher'} and {weights / 'evaluator'}")
+    print(f"shipped {weights / 'teacher'}" + (f" and {weights / 'evaluator'}" if evaluator_run is not None else ""))
     return weights
 
 
