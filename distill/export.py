@@ -38,7 +38,8 @@ def export_student(student: Pipeline, teacher: Pipeline, config: DistillConfig, 
         for split in ("train", "heldout"):
             result = evaluate(EvalConfig(model=str(out), steps=1, prompts=split, n=eval_n), student)
             manifest["eval"][split] = {k: result[k] for k in ("fd", "accuracy", "nfe", "images_per_s")}
-    student.info = {**teacher.info, "kind": "student"}
+    inherited = {k: v for k, v in teacher.info.items() if k != "eval"}  # the teacher's eval is not the student's
+    student.info = {**inherited, "kind": "student"}
     return save_pipeline(student, out, {**student.info, "manifest": manifest}, copy_text_encoder=standalone)
 
 
