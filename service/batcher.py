@@ -3,6 +3,9 @@
 Admission (on the event loop, `submit`): a full queue answers 429 at once; a request whose estimated finish
 (running batch + queued work + its own batch, from each model's batch-time model) is past its deadline answers
 503 at once. Both carry Retry-After: the estimated seconds until the queue has drained.
+Both deadline checks (admission and the drop before compute, below) stretch the estimate by `deadline_margin`:
+a batch can take longer than the estimate (CPU contention, a slower GPU clock), and a request that then misses its
+deadline is answered 504 after its compute was spent; the margin makes such requests 503 before compute instead.
 
 The generator thread takes the oldest request and every later one with the same (model, steps, size) that fits
 into `max_batch` images (guidance may differ per image), and runs them as one generator call. Right before the
@@ -70,8 +73,9 @@ class BatchResult:
 
 
 class Batcher:
-    def __init__(self, config: ServiceConfig, metrics: Metrics):
+    def __init__(self, config: ServiceConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
         self.config, self.metrics = config, metrics
+        self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
         self._queue: deque[Job] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
         self._cond = threading.Condition()
@@ -83,21 +87,22 @@ class Batcher:
     def state(self) -> dict:
         with self._cond:
             return {"waiting": len(self._queue), "running": self._running is not None,
-                    "backlog_s": round(self._backlog(time.monotonic(), []), 3)}
+                    "backlog_s": round(self._backlog(self._clock(), []), 3)}
 
     def submit(self, job: Job) -> None:
         """Queue a job or raise Rejected (429 queue full, 503 deadline cannot be met)."""
         with self._cond:
-            now = time.monotonic()
+            now = self._clock()
             if self._closed:
                 raise Rejected(503, "not_ready", "the service is shutting down", retry_after=1)
             if len(self._queue) >= self.config.max_queue:
                 raise Rejected(429, "queue_full", f"the queue is full ({self.config.max_queue} requests waiting)",
                                retry_after=self._backlog(now, []))
-            finish = now + self._backlog(now, [job])
-            if finish > job.deadline:
+            estimate = self._backlog(now, [job])
+            if now + self.config.deadline_margin * estimate > job.deadline:
                 raise Rejected(503, "deadline", f"cannot answer within {self.config.request_timeout_s:g} s "
-                               f"(estimated {finish - now:.2f} s)", retry_after=self._backlog(now, []))
+                               f"(estimated {estimate:.2f} s, x{self.config.deadline_margin:g} safety margin)",
+                               retry_after=self._backlog(now, []))
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
@@ -168,7 +173,7 @@ class Batcher:
                     kept.append(job)
             self._queue = kept
             self.metrics.queue_depth.set(len(kept))
-            self._running = (time.monotonic(), self._batch_seconds(head.key, images))
+            self._running = (self._clock(), self._batch_seconds(head.key, images))
             return batch
 
     def _loop(self) -> None:
@@ -192,9 +197,11 @@ class Batcher:
                     self._running = None
 
     def _admit(self, batch: list[Job]) -> list[Job]:
-        """The jobs still worth computing: not given up by their handler, and able to meet their deadline."""
-        now = time.monotonic()
-        finish = now + self._batch_seconds(batch[0].key, sum(job.images for job in batch))
+        """The jobs still worth computing: not given up by their handler, and able to meet their deadline (with the
+        batch taking deadline_margin times its estimate)."""
+        now = self._clock()
+        estimate = self._batch_seconds(batch[0].key, sum(job.images for job in batch))
+        finish = now + self.config.deadline_margin * estimate
         live = []
         for job in batch:
             if not job.future.set_running_or_notify_cancel():
@@ -212,7 +219,7 @@ class Batcher:
         if not live:
             return
         model, steps, size = live[0].key
-        started = time.monotonic()
+        started = self._clock()
         generation = model.generate([p for job in live for p in job.prompts], [s for job in live for s in job.seeds],
                                     steps, size, [g for job in live for g in job.guidance],
                                     self.config.simulated_delay_s)

@@ -23,6 +23,7 @@ class ServiceConfig:
     microbatch: int = 4  # rows per transformer/VAE pass (calls are padded to a multiple: batch-independent images)
     max_queue: int = 64  # requests waiting for the generator; one more is answered 429 at once
     request_timeout_s: float = 10.0  # unanswered by then: 504; estimated to miss it: 503 up front
+    deadline_margin: float = 1.25  # deadline checks stretch batch-time estimates by this (>= 1): 503 early, not 504
     max_n: int = 4  # most images per request
     max_prompt_chars: int = 2000  # longer prompts get 400 before tokenising (the encoder-token limit is the model's)
     max_guidance: float = 20.0  # guidance scale allowed in [0, max_guidance]
@@ -42,6 +43,8 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.simulated_delay_s < 0 or self.threads < 0:
             raise ValueError("request_timeout_s must be > 0, simulated_delay_s and threads >= 0")
+        if self.deadline_margin < 1:
+            raise ValueError(f"deadline_margin must be at least 1, got {self.deadline_margin}")
         if self.default_format not in IMAGE_FORMATS:
             raise ValueError(f"default_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.default_format!r}")
         if not 1 <= self.default_quality <= 100:

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import pytest
 from prometheus_client import REGISTRY
 
 PROMPT = "a small red circle in the middle"
@@ -134,3 +135,90 @@ def test_a_model_that_cannot_load_is_reported_by_name(make_service, tmp_path):
     assert str(broken) in error and "no 'transformer' entry" in error
     response = client.post("/generate", json={"prompt": PROMPT})
     assert response.status_code == 503 and str(broken) in response.json()["error"]["message"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowerThanEstimatedModel:
+    """A generator call is estimated at `estimate` seconds and really takes `real` (on the fake clock): a machine
+    under CPU contention. `hold` keeps the first call running until the test sets it."""
+
+    def __init__(self, clock: FakeClock, estimate: float, real: float):
+        import torch
+
+        self.clock, self.real, self.hold, self.torch = clock, real, threading.Event(), torch
+        self.times = type("Times", (), {"estimate": lambda _self, steps, size, images: estimate})()
+
+    def generate(self, prompts, seeds, steps, size, guidance, delay_s=0.0):
+        assert self.hold.wait(timeout=60)
+        self.clock.now += self.real
+        return type("Generation", (), {"images": self.torch.zeros(len(prompts), 4, 4, 3, dtype=self.torch.uint8),
+                                       "timings": {}})()
+
+
+def answer(job, clock: FakeClock):
+    """What the handler would answer: the batcher's refusal, else 504 when the images came after the deadline."""
+    from service.batcher import Rejected
+
+    try:
+        job.future.result(timeout=60)
+    except Rejected as err:
+        return err.status, err.message
+    return (504 if clock.now > job.deadline else 200), ""
+
+
+@pytest.mark.parametrize("margin", [1.0, 1.25])
+def test_deadline_margin_turns_504s_from_slow_batches_into_503s_before_compute(margin):
+    """Batches estimated at 1 s really take 1.5 s. Without a margin both requests below are admitted, computed and
+    late (504); with 1.25 the first is refused up front and the second is dropped before compute (503)."""
+    from unittest.mock import MagicMock
+
+    from service.batcher import Batcher, Job, Rejected
+    from service.config import ServiceConfig
+    from service.metrics import Metrics
+
+    clock = FakeClock()
+    model = SlowerThanEstimatedModel(clock, estimate=1.0, real=1.5)
+    batcher = Batcher(ServiceConfig(deadline_margin=margin), Metrics(*(MagicMock() for _ in range(5))), clock)
+
+    def job(timeout: float) -> Job:
+        return Job(model, [PROMPT], [0], [4.5], steps=1, size=16, deadline=clock.now + timeout, arrived=clock.now)
+
+    try:
+        # up front: a lone request with 1.1 s left, estimated at 1 s (x1.25 = 1.25 s)
+        alone = job(1.1)
+        if margin == 1.0:
+            batcher.submit(alone)
+            model.hold.set()
+            assert answer(alone, clock) == (504, "")
+        else:
+            with pytest.raises(Rejected, match=r"cannot answer within .*x1.25 safety margin") as refused:
+                batcher.submit(alone)
+            assert refused.value.status == 503
+        # before compute: a request queued behind a running call; admitted (2 s estimated, x1.25 = 2.5 s <= 2.6 s),
+        # then checked again when the running call really ends at 1.5 s: 1.5 + 1 (x1.25: 2.75) against 2.6
+        model.hold.clear()
+        start = clock.now
+        running, queued = job(100.0), None
+        batcher.submit(running)
+        deadline = time.monotonic() + 60
+        while not batcher.state()["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        queued = job(2.6)
+        batcher.submit(queued)
+        model.hold.set()
+        assert answer(running, clock)[0] == 200
+        status, message = answer(queued, clock)
+        if margin == 1.0:
+            assert status == 504 and clock.now - start == 3.0
+        else:
+            assert status == 503 and "dropped before compute" in message and clock.now - start == 1.5
+    finally:
+        model.hold.set()
+        batcher.close()

@@ -1,6 +1,10 @@
 """The CLI and config plumbing, and the load tester's statistics and sweep, without a server."""
 from __future__ import annotations
 
+import socket
+import time
+from dataclasses import replace
+
 import pytest
 
 from service.config import ServiceConfig
@@ -35,7 +39,8 @@ def test_config_round_trips_through_the_environment():
 @pytest.mark.parametrize("env,message", [({"TBCM_MAX_BATCH": "lots"}, "TBCM_MAX_BATCH='lots'"),
                                          ({"TBCM_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
                                          ({"TBCM_DEFAULT_FORMAT": "gif"}, "default_format"),
-                                         ({"TBCM_SIZES": "16,big"}, "sizes must be")])
+                                         ({"TBCM_SIZES": "16,big"}, "sizes must be"),
+                                         ({"TBCM_DEADLINE_MARGIN": "0.9"}, "deadline_margin must be at least 1")])
 def test_bad_config_is_refused_naming_the_knob(env, message):
     with pytest.raises(ValueError, match=message):
         ServiceConfig.from_env(env)
@@ -72,3 +77,54 @@ def test_sweep_doubles_then_bisects_to_the_highest_rate_meeting_the_slo(monkeypa
     result = loadtest.sweep("http://x", LoadTestConfig(rate=1, sweep_probes=4))
     assert [probe["rate"] for probe in result["probes"]] == [1, 2, 4, 8, 16, 12, 10, 11, 10.5]
     assert result["best_rate"] == 10 and result["first_failing_rate"] == 10.5
+
+
+@pytest.fixture
+def stub_server():
+    """A keep-alive HTTP/1.1 server on a free port answering 429 at once, or after 2 s on /slow."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/slow":
+                time.sleep(2.0)
+            body = b'{"error": {"message": "queue full"}}'
+            self.send_response(429)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_load_against_a_stub_server_reports_statuses_timeouts_and_connection_errors(stub_server):
+    from service.loadtest import run_load
+
+    # rates are powers of two so the fixed arrival offsets are exact and the window holds rate x duration_s
+    base = LoadTestConfig(mode="open", arrival="fixed", rate=16, duration_s=1, warmup_s=0.5, timeout_s=0.5,
+                          progress=False)
+    report = run_load(stub_server, base)
+    assert report["requests"] == 16 and report["status_counts"] == {"429": 16}
+    assert report["latency_ms"] == {} and report["client_send_lag_ms_max"] < 500
+    closed = run_load(stub_server + "/", replace(base, mode="closed", concurrency=2))
+    assert closed["requests"] >= 2 and set(closed["status_counts"]) == {"429"}
+    slow = run_load(stub_server, replace(base, endpoint="/slow", rate=4))
+    assert slow["status_counts"] == {"client_timeout": 4}
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    refused = run_load(f"http://127.0.0.1:{closed_port}", replace(base, rate=4))
+    assert refused["requests"] == 4 and all(s.startswith("error:") for s in refused["status_counts"])
