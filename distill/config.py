@@ -21,8 +21,9 @@ class DistillConfig:
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
     p_mean: float = -0.8                  # log-normal TrigFlow proposal tan t = e^tau / sigma_d, tau ~ N(p_mean,
     p_std: float = 1.6                    #   p_std^2): data pairs and --time-sampling lognormal (sCM App. G)
-    lr: float = 1e-4                      # AdamW learning rate (constant after warm-up)
+    lr: float = 1e-4                      # AdamW learning rate (after warm-up)
     warmup_steps: int = 20                # linear LR warm-up
+    cosine_decay: bool = False            # after warm-up, anneal the lr to 0 at `steps` (else constant)
     weight_decay: float = 0.0             # AdamW weight decay
     grad_clip: float = 0.1                # max global grad norm (Sana-Sprint / TBCM)
     tangent_warmup: int = 100             # r = min(1, step / tangent_warmup) (sCM §4.2)
@@ -38,3 +39,10 @@ class DistillConfig:
     eval_n: int = 256                     # images per periodic evaluation
     use_kernels: bool | None = None       # Triton kernels in the student (default: on with CUDA, off on CPU)
     mixed_precision: str = "no"           # accelerate mixed precision: "no", "fp16" or "bf16"
+    ladd: bool = False                    # add Sana-Sprint's adversarial branch (distill-spec §6; real = endpoints)
+    ladd_weight: float = 0.5              # L = L_sCM + ladd_weight L_G (Sprint Tab. 5)
+    ladd_blocks: tuple = ()               # teacher blocks feeding a discriminator head; () = 4 evenly spaced
+    ladd_lr: float = 1e-4                 # AdamW learning rate of the discriminator heads (constant)
+    ladd_p_mean: float = -0.6             # discriminator re-noising time: log-normal TrigFlow proposal with
+    ladd_p_std: float = 1.0               #   (ladd_p_mean, ladd_p_std) (Sprint Tab. 8)
+    ladd_max_time_prob: float = 0.5       # generator input t set to pi/2 with this probability (Sprint Tab. 6)

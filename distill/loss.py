@@ -26,6 +26,7 @@ class Pairs:
     mask: torch.Tensor       # (N, L)
     guidance: torch.Tensor   # (N,), the CFG scale the teacher used
     weight: torch.Tensor     # (N,), 1 normally, 0 for pairs dropped by the degenerate-sample filter
+    x0: torch.Tensor         # (N, C, H, W), the clean latent behind each pair (rollout endpoint / encoded image)
 
 
 def tangent_r(step: int, warmup: int, calm_start: int, calm_steps: int, final_r: float) -> float:

@@ -89,7 +89,8 @@ def pairs_from_rollout(roll: Rollout, states, mask, config: DistillConfig) -> tu
     pairs = Pairs(x_t=roll.states[rows, chosen].flatten(0, 1), t=roll.times[rows, chosen].flatten(),
                   velocity=roll.velocities[rows, chosen].flatten(0, 1),
                   states=states.repeat_interleave(p, 0), mask=mask.repeat_interleave(p, 0),
-                  guidance=roll.guidance.repeat_interleave(p), weight=weight.repeat_interleave(p))
+                  guidance=roll.guidance.repeat_interleave(p), weight=weight.repeat_interleave(p),
+                  x0=roll.endpoints.repeat_interleave(p, 0))
     return pairs, int((weight == 0).sum())
 
 
@@ -106,7 +107,7 @@ def data_pairs(teacher: Pipeline, scenes: list[world.Scene], states, mask, null_
     guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(n)], dtype=torch.float32)
     flow = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance)
     velocity = SIGMA_DATA * trigflow_from_flow(flow, x_t / SIGMA_DATA, t)
-    return Pairs(x_t, t, velocity, states, mask, guidance, torch.ones(n))
+    return Pairs(x_t, t, velocity, states, mask, guidance, torch.ones(n), x0)
 
 
 def world_prompts(count: int, seed: int) -> list[str]:

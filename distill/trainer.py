@@ -22,10 +22,11 @@ from models.acceleration import maybe_install_kernels
 from models.evaluate import EvalConfig, evaluate, save_grid
 from models.generator import Generator
 from models.pipeline import Pipeline, load_pipeline
-from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update, load_checkpoint, \
-    save_checkpoint, truncate_log
+from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update, learning_rate, \
+    load_checkpoint, load_rank_rng, prune_rank_rng, save_checkpoint, save_rank_rng, truncate_log
 
 from .config import DistillConfig
+from .ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
 from .loss import scm_loss, tangent_r
 from .pairs import data_pairs, pairs_from_rollout, read_prompts, rollout
 from .rollout import RolloutShards
@@ -71,23 +72,31 @@ class Distiller:
         self.ema.load_state_dict(self.student.transformer.state_dict())
         maybe_install_kernels(self.student.transformer, config.use_kernels)
         optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.discriminator = Discriminator(self.teacher.transformer, config.ladd_blocks).to(
+            self.accelerator.device) if config.ladd else None
+        if config.ladd:  # the heads' own param group: one optimizer to checkpoint, and as each step gives only one
+            # side gradients and Adam's state is per parameter, it acts as two AdamWs
+            optimizer.add_param_group({"params": list(self.discriminator.parameters()), "lr": config.ladd_lr})
         self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
         rank = self.accelerator.process_index
         if resume and (self.out / CHECKPOINT).exists():
             check_resume_config(self.out, config)
             meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
             self.step, self.counters = meta["step"], meta["extra"]["counters"]
-            truncate_log(self.out, self.step)
-            if rank:
-                seed_everything(config.seed + rank + 10**6 * self.step)
+            if self.accelerator.num_processes > 1:  # and every rank its own, saved beside the checkpoint
+                load_rank_rng(self.out, rank, self.step)
+            if self.accelerator.is_main_process:
+                truncate_log(self.out, self.step)
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
             seed_everything(config.seed + rank)  # every rank rolls out its own prompts
 
     def _modules(self) -> dict:
-        return {"student": self.student, "ema": self.ema}
+        heads = {"ladd": self.discriminator} if self.discriminator is not None else {}
+        return {"student": self.student, "ema": self.ema} | heads
 
     def _conditioning(self, prompts: list[str]):
         text, device = self.teacher.text, self.accelerator.device
@@ -120,17 +129,21 @@ class Distiller:
                       config.final_r)
         student = self.accelerator.unwrap_model(self.model)
         for group in self.optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (self.step + 1) / max(1, config.warmup_steps))
+            group["lr"] = learning_rate(config, self.step + 1)
         with self.accelerator.autocast():
             loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c, wrapped=self.model)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
+            ladd_batch, fake = self._ladd_generator(pairs, stats)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             ema_update(self.ema, student.transformer, config.ema_decay)
         else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)
             self.counters["skipped_steps"] += 1
+        if config.ladd:  # then the alternating discriminator step
+            stats["d_loss"] = self._ladd_discriminator(ladd_batch, fake)
         self.step += 1
         elapsed = time.perf_counter() - t0
         self.counters["pairs"] += len(pairs.t)
@@ -138,6 +151,29 @@ class Distiller:
         self.counters["train_time_s"] += elapsed
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "r": r, "pairs_per_s": len(pairs.t) / elapsed,
                 **stats, **{k: v for k, v in self.counters.items() if k != "pairs"}}
+
+    def _ladd_generator(self, pairs, stats: dict):
+        """Backpropagates ladd_weight L_G into the student (one forward per backward, as DDP wants) on one pair
+        per prompt; returns that batch and its detached fakes x̂0 for the discriminator step."""
+        batch = one_per_prompt(pairs, self.config.points_per_trajectory)
+        with self.accelerator.autocast():
+            g_loss, fake = generator_loss(self.discriminator, self.teacher.transformer, self.model, batch,
+                                          self.config)
+        self.accelerator.backward(self.config.ladd_weight * g_loss)
+        stats["g_loss"] = g_loss.item()
+        return batch, fake
+
+    def _ladd_discriminator(self, batch, fake: torch.Tensor) -> float:
+        """One hinge step of the heads: the batch's clean x0 as real, the pre-update x̂0 as fake."""
+        self.optimizer.zero_grad(set_to_none=True)  # only the heads get gradients below
+        self.optimizer.param_groups[-1]["lr"] = self.config.ladd_lr
+        with self.accelerator.autocast():
+            d_loss = discriminator_loss(self.wrapped_discriminator, self.teacher.transformer, batch.x0, fake,
+                                        batch.states, batch.mask, self.config)
+        self.accelerator.backward(d_loss)
+        if torch.isfinite(self.accelerator.clip_grad_norm_(self.discriminator.parameters(), self.config.grad_clip)):
+            self.optimizer.step()
+        return d_loss.item()
 
     def pipeline(self) -> Pipeline:
         """The student as a pipeline, with the EMA weights (what is sampled, evaluated and exported)."""
@@ -164,9 +200,18 @@ class Distiller:
         return record
 
     def save(self) -> None:
-        if self.accelerator.is_main_process:
+        """The checkpoint (main process); with several processes every rank first writes its RNG state beside it,
+        and its older RNG files go only once the new checkpoint is committed, so a kill leaves a consistent set."""
+        accelerator, several = self.accelerator, self.accelerator.num_processes > 1
+        if several:
+            save_rank_rng(self.out, accelerator.process_index, self.step)
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config,
                             {"counters": self.counters})
+        if several:
+            accelerator.wait_for_everyone()
+            prune_rank_rng(self.out, accelerator.process_index, self.step)
 
     def train(self) -> None:
         config = self.config

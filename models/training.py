@@ -69,14 +69,57 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's generators: torch CPU, Python `random`, and the current CUDA device's where CUDA is present
+    (numpy's global generator is never drawn from here, so it is not carried)."""
     version, internal, gauss = random.getstate()
-    return {"rng.torch": torch.get_rng_state()}, {"python_random": [version, list(internal), gauss]}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors, {"python_random": [version, list(internal), gauss]}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def rank_rng_path(out: Path, rank: int, step: int) -> Path:
+    return Path(out) / f"rng-rank{rank}-step{step}.safetensors"
+
+
+def save_rank_rng(out: Path, rank: int, step: int) -> Path:
+    """One rank's RNG state at checkpoint `step`, beside the checkpoint (atomic). Named by step, so the files of
+    the committed checkpoint survive a kill while the next one is written; prune_rank_rng drops the rest."""
+    tensors, meta = rng_state()
+    path = rank_rng_path(out, rank, step)
+    atomic_write_safetensors(tensors, path, {"rank": rank, "step": step, "rng": meta})
+    return path
+
+
+def load_rank_rng(out: Path, rank: int, step: int) -> None:
+    """Restore what save_rank_rng wrote for this rank at `step`; a clear error if it is missing or unreadable."""
+    path = rank_rng_path(out, rank, step)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; rank {rank} cannot continue the step-{step} checkpoint exactly "
+                                "(multi-process runs resume only with the number of processes they were saved with)")
+    try:
+        tensors, meta = read_safetensors(path)
+        if meta.get("rank") != rank or meta.get("step") != step or "rng.torch" not in tensors:
+            raise ValueError(f"holds rank {meta.get('rank')} step {meta.get('step')}")
+        set_rng_state(tensors, meta["rng"])
+    except Exception as error:  # a truncated or foreign file: name it, never continue from a guess
+        raise RuntimeError(f"{path}: unreadable RNG state for rank {rank} at step {step}: {error}") from error
+
+
+def prune_rank_rng(out: Path, rank: int, step: int) -> None:
+    """Remove this rank's RNG files of steps other than `step` (call once checkpoint `step` is committed)."""
+    keep = rank_rng_path(out, rank, step).name
+    for path in Path(out).glob(f"rng-rank{rank}-step*.safetensors"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
 
 
 def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

@@ -25,7 +25,8 @@ def make_pairs(n=3, dtype=torch.float64):
                  t=torch.tensor([0.2, 0.9, 1.4][:n], dtype=dtype),
                  velocity=torch.randn(n, 4, 4, 4, generator=g, dtype=dtype) * SIGMA_DATA,
                  states=torch.randn(n, 16, 32, generator=g, dtype=dtype), mask=torch.ones(n, 16, dtype=torch.long),
-                 guidance=torch.tensor([4.0, 4.5, 5.0][:n], dtype=dtype), weight=torch.ones(n, dtype=dtype))
+                 guidance=torch.tensor([4.0, 4.5, 5.0][:n], dtype=dtype), weight=torch.ones(n, dtype=dtype),
+                 x0=torch.randn(n, 4, 4, 4, generator=g, dtype=dtype) * SIGMA_DATA)
 
 
 def reference_tangent(student, pairs, r, c, h=1e-3):

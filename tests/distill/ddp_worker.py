@@ -1,0 +1,40 @@
+"""One rank of `accelerate launch ... ddp_worker.py JOBS`, for test_ddp.py (not a test itself).
+
+JOBS is a JSON list of {"config": DistillConfig fields, "resume": bool}, run one after another in this process.
+Each rank appends its own per-step losses to `losses-rank{N}.jsonl` in the job's run folder and, at the end,
+writes its student weights to `student-rank{N}.safetensors` there, so the test can compare ranks and runs.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from distill.config import DistillConfig
+from distill.trainer import Distiller
+from models.training import atomic_write_safetensors
+
+
+def run(config: DistillConfig, resume: bool) -> None:
+    distiller = Distiller(config, resume=resume)
+    rank, out = distiller.accelerator.process_index, Path(config.out)
+    step = distiller.train_step
+
+    def recorded() -> dict:
+        metrics = step()
+        with open(out / f"losses-rank{rank}.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": distiller.step, "loss": metrics["loss"],
+                                     "world": distiller.accelerator.num_processes}) + "\n")
+        return metrics
+
+    distiller.train_step = recorded
+    distiller.train()
+    atomic_write_safetensors(distiller.student.state_dict(), out / f"student-rank{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for job in json.loads(sys.argv[1]):
+        config = job["config"]
+        run(DistillConfig(**{**config, "cfg_scales": tuple(config.get("cfg_scales", (4.0, 4.5, 5.0)))}),
+            job["resume"])
