@@ -40,6 +40,7 @@ world: install
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
 student: install
 	$(BIN)/tbcm distill --teacher weights/teacher --prompts world --pairs trajectory --seed $(SEED) \
+		--steps 600 --cosine-decay --calm-down-start 200 --calm-down-steps 100 \
 		--out runs/student --export weights/student --export-eval-n 512
 
 gpu-check: install
