@@ -1,7 +1,9 @@
 """TBCM ablations at equal training time: time sampling and points per trajectory (docs/results.md, Table 3).
 
-Time sampling along the teacher trajectory (route / lognormal / uniform, K-1 points) and points per trajectory
-(1 / 4 / K-1, route sampling), K = --route-points; the baseline (route, K-1 points) is shared: 5 arms.
+Time sampling along the teacher trajectory (route / lognormal / uniform, K-1 points), points per trajectory
+(1 / 4 / K-1, route sampling), K = --route-points, and the baseline plus the LADD branch (--ladd); the baseline
+(route, K-1 points) is shared: 6 arms. A run of some --arms keeps the other arms' rows already in --json when
+they were made with the same budget, n, seed and extra args.
 
 Each arm is one `tbcm distill --time-budget-s B` run in its own process (training time, evals excluded), exported
 with its 1-step FD and accuracy on both splits; the table reads the export manifest and metrics.jsonl, the figure
@@ -38,15 +40,23 @@ def route_points(extra: list[str]) -> int:
     return parser.parse_known_args(extra)[0].route_points
 
 
-def make_arms(k: int) -> dict[str, tuple[str, int]]:
-    """name -> (time sampling, points per trajectory); the baseline trains on all K-1 non-noise states."""
+def make_arms(k: int) -> dict[str, tuple[str, int, tuple[str, ...]]]:
+    """name -> (time sampling, points per trajectory, more distill flags); the baseline uses all K-1 states."""
     full, few = k - 1, min(4, k - 2)
-    arms = {"baseline": ("route", full), "lognormal": ("lognormal", full), "uniform": ("uniform", full),
-            "points-1": ("route", 1), f"points-{few}": ("route", few)}
+    arms = {"baseline": ("route", full, ()), "lognormal": ("lognormal", full, ()), "uniform": ("uniform", full, ()),
+            "points-1": ("route", 1, ()), f"points-{few}": ("route", few, ()), "ladd": ("route", full, ("--ladd",))}
     return {name: arm for name, arm in arms.items() if 1 <= arm[1] <= full}
 
 
-def train_arm(name: str, sampling: str, points: int, run: Path, args, extra: list[str]) -> float:
+def kept_rows(path: Path, same: dict) -> dict[str, dict]:
+    """Rows of an earlier --json made with the same settings (budget, n, seed, extra), by arm name."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    return {row["arm"]: row for row in earlier["rows"]} if all(earlier.get(k) == v for k, v in same.items()) else {}
+
+
+def train_arm(name: str, sampling: str, points: int, flags: tuple, run: Path, args, extra: list[str]) -> float:
     """Run (or continue, with --skip-existing) one arm's distill + export; returns its wall-clock seconds."""
     if args.skip_existing and (run / "export" / "tbcm.json").exists():
         print(f"[{name}] reusing {run / 'export'}")
@@ -59,7 +69,7 @@ def train_arm(name: str, sampling: str, points: int, run: Path, args, extra: lis
            "--pairs", "trajectory", "--time-sampling", sampling, "--points-per-trajectory", str(points),
            "--time-budget-s", str(args.budget_s), "--steps", str(MANY_STEPS), "--eval-every", "0",
            "--seed", str(args.seed), "--out", str(run), "--export", str(run / "export"),
-           "--export-eval-n", str(args.n), *extra, *(["--resume"] if resume else [])]
+           "--export-eval-n", str(args.n), *flags, *extra, *(["--resume"] if resume else [])]
     print(f"\n[{name}] {'resuming: ' if resume else ''}{shlex.join(['tbcm', *cmd[3:]])}", flush=True)
     t0 = time.perf_counter()
     if subprocess.run(cmd, cwd=REPO).returncode:  # output streams through: the progress bar stays visible
@@ -72,15 +82,18 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def arm_row(name: str, sampling: str, points: int, run: Path, wall_s: float) -> dict:
+def arm_row(name: str, sampling: str, points: int, flags: tuple, run: Path, wall_s: float) -> dict:
     """One table row from the export manifest (steps, pairs, train time, evals) and the loss log."""
     manifest = json.loads((run / "export" / "tbcm.json").read_text())["manifest"]
-    losses = [m["loss"] for m in read_metrics(run)]
+    log = read_metrics(run)
+    losses = [m["loss"] for m in log]
     tail = losses[-max(1, len(losses) // 10):]  # the last 10% of steps
-    row = {"arm": name, "time_sampling": sampling, "points_per_trajectory": points, "steps": manifest["step"],
+    row = {"arm": name, "time_sampling": sampling, "points_per_trajectory": points, "flags": list(flags),
+           "steps": manifest["step"],
            "pairs": manifest["counters"]["pairs"], "train_time_s": manifest["counters"]["train_time_s"],
            "final_loss": sum(tail) / len(tail), "skipped_steps": manifest["counters"]["skipped_steps"],
-           "wall_s": wall_s, "run": str(run)}
+           "wall_s": wall_s, "run": str(run),
+           "loss_curve": {"train_time_s": [m["train_time_s"] for m in log], "loss": losses}}  # the figure's data
     for split, result in manifest["eval"].items():
         row |= {f"fd_{split}": result["fd"], f"accuracy_{split}": result["accuracy"],
                 f"images_per_s_{split}": result["images_per_s"]}
@@ -122,9 +135,9 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        log = read_metrics(Path(r["run"]))
-        window = max(1, len(log) // 20)
-        ax.plot([m["train_time_s"] for m in log], moving_average([m["loss"] for m in log], window),
+        curve = r["loss_curve"]
+        window = max(1, len(curve["loss"]) // 20)
+        ax.plot(curve["train_time_s"], moving_average(curve["loss"], window),
                 label=f"{r['arm']} ({r['time_sampling']}, {r['points_per_trajectory']} pts)")
     ax.set(xlabel="training time (s)", ylabel="sCM loss (moving average, 5% of steps)",
            title="TBCM ablations at equal training time")
@@ -155,12 +168,14 @@ def main() -> None:
     if unknown:
         sys.exit(f"--arms: unknown {unknown}; the arms are {list(arms)}")
     command = shlex.join(["python", *sys.argv])
-    load_start, rows = os.getloadavg(), []
+    out, same = Path(args.json), {"budget_s": args.budget_s, "n": args.n, "seed": args.seed, "extra": extra}
+    by_arm, load_start = kept_rows(out, same), os.getloadavg()
     for name in chosen:
-        sampling, points = arms[name]
+        sampling, points, flags = arms[name]
         run = Path(args.out_dir) / name
-        wall_s = train_arm(name, sampling, points, run, args, extra)
-        rows.append(arm_row(name, sampling, points, run, wall_s))
+        wall_s = train_arm(name, sampling, points, flags, run, args, extra)
+        by_arm[name] = arm_row(name, sampling, points, flags, run, wall_s)
+    rows = [by_arm[name] for name in arms if name in by_arm]
     machine = {"platform": platform.platform(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
                "torch": version("torch"), "load_average_start": load_start, "load_average_end": os.getloadavg()}
     table = markdown_table(rows, command)
@@ -168,10 +183,8 @@ def main() -> None:
           f"{machine['machine']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
           f"load {machine['load_average_start'][0]:.2f} -> {machine['load_average_end'][0]:.2f}\n")
     print("\n".join(table.splitlines()[2:]))
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": machine, "budget_s": args.budget_s, "n": args.n,
-                               "seed": args.seed, "extra": extra, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"command": command, "machine": machine, **same, "rows": rows}, indent=2))
     out.with_suffix(".md").write_text(table)
     plot_losses(rows, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
