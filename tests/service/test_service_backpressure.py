@@ -43,7 +43,7 @@ def test_full_queue_is_429_at_once_with_retry_after(make_service):
     wait_queue(client, waiting=1)
     started = time.monotonic()
     refused = client.post("/generate", json={"prompt": PROMPT})
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # at once: queued, it would wait >= 2 s behind the two 1 s batches
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
     first.join(), second.join()
@@ -58,7 +58,7 @@ def test_timeout_is_504_and_then_an_unmeetable_deadline_is_503_up_front(make_ser
     wait_queue(client, running=False)  # that call has now taught the time model it takes > 1.5 s
     started = time.monotonic()
     shed = client.post("/generate", json={"prompt": PROMPT})
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # loose for a loaded CI machine; admitted, it would get 504
     assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
     assert "cannot answer within 0.5 s" in shed.json()["error"]["message"]
 
