@@ -128,8 +128,7 @@ class Distiller:
         r = tangent_r(self.step, config.tangent_warmup, config.calm_down_start, config.calm_down_steps,
                       config.final_r)
         student = self.accelerator.unwrap_model(self.model)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, self.step + 1)
+        self.optimizer.param_groups[0]["lr"] = learning_rate(config, self.step + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
             loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c, wrapped=self.model)
         self.optimizer.zero_grad(set_to_none=True)
@@ -166,7 +165,6 @@ class Distiller:
     def _ladd_discriminator(self, batch, fake: torch.Tensor) -> float:
         """One hinge step of the heads: the batch's clean x0 as real, the pre-update x̂0 as fake."""
         self.optimizer.zero_grad(set_to_none=True)  # only the heads get gradients below
-        self.optimizer.param_groups[-1]["lr"] = self.config.ladd_lr
         with self.accelerator.autocast():
             d_loss = discriminator_loss(self.wrapped_discriminator, self.teacher.transformer, batch.x0, fake,
                                         batch.states, batch.mask, self.config)

@@ -13,7 +13,7 @@ from distill.loss import Pairs
 from distill.student import Student, student_from_teacher
 from distill.trainer import Distiller
 from models.tiny import tiny_transformer
-from models.training import read_safetensors
+from models.training import learning_rate, read_safetensors
 from models.trigflow import SIGMA_DATA, renoise
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
@@ -94,12 +94,15 @@ def test_max_time_weighting():
 
 @pytest.mark.parametrize("pairs", ["trajectory", "data"])
 def test_trainer_with_ladd_logs_both_losses_and_moves_the_heads(tiny_teacher_dir, tmp_path, pairs):
-    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), pairs=pairs, **TINY))
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), pairs=pairs, ladd_lr=3e-4, **TINY)
+    distiller = Distiller(config)
     heads = {k: v.clone() for k, v in distiller.discriminator.state_dict().items()}
     teacher = {k: v.clone() for k, v in distiller.teacher.transformer.state_dict().items()}
     distiller.train()
     rows = metrics(tmp_path)
     assert sorted(rows) == [1, 2, 3]
+    student_group, heads_group = distiller.optimizer.param_groups  # the student's schedule; the heads' constant lr
+    assert student_group["lr"] == learning_rate(config, 3) and heads_group["lr"] == 3e-4
     assert all(math.isfinite(row[key]) for row in rows.values() for key in ("loss", "g_loss", "d_loss"))
     assert any(not torch.equal(v, heads[k]) for k, v in distiller.discriminator.state_dict().items() if "original" in k)
     assert all(torch.equal(v, teacher[k]) for k, v in distiller.teacher.transformer.state_dict().items())
