@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the kernels (make gpu-check): the CUDA-only tests, the whole kernel suite natively
-# on CUDA, then the benchmark. Results land in runs/ and are echoed. About 5-8 minutes on one H100.
+# GPU check (make gpu-check): the CUDA-only kernel tests, the whole kernel suite natively on CUDA,
+# the distiller under accelerate's FSDP2, then the kernel benchmark. Results land in runs/ and are
+# echoed. About 5-8 minutes on one H100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PYTHON="${PYTHON:-.venv/bin/python}"; else PYTHON="${PYTHON:-python3}"; fi
@@ -18,6 +19,9 @@ echo "== pytest -m gpu tests/kernels (bf16, Sana sizes, CUDA graphs)"
 "$PYTHON" -m pytest -m gpu tests/kernels -q -rs -p no:cacheprovider 2>&1 | tee runs/gpu_check_pytest_gpu.txt || status=1
 echo "== pytest -m 'not gpu' tests/kernels (the interpreter suite, natively on CUDA)"
 "$PYTHON" -m pytest -m "not gpu" tests/kernels -q -rs -p no:cacheprovider 2>&1 | tee runs/gpu_check_pytest_rest.txt || status=1
+
+echo "== pytest -m gpu tests/distill (accelerate FSDP2: train, checkpoint, resume)"
+"$PYTHON" -m pytest -m gpu tests/distill -q -rs -p no:cacheprovider 2>&1 | tee runs/gpu_check_pytest_distill.txt || status=1
 
 echo "== benchmarks/bench_kernels.py"
 "$PYTHON" benchmarks/bench_kernels.py --json runs/bench_kernels.json 2>&1 | tee runs/bench_kernels.txt || status=1

@@ -3,12 +3,17 @@
 For pairs (x_t, t, dx_t/dt = v) the student's tangent is computed with one forward-mode JVP under no_grad, using
 the rearranged tangents that keep fp16/bf16 finite; the loss is then a regression of a second, differentiable
 forward onto F^- + g with the prior weight 1/(sigma_d tan t) and a learned log-variance.
+
+Both passes call the student module as given, which may be wrapped by accelerate (DDP or FSDP). The JVP pass
+uses dual tensors (torch.autograd.forward_ad), not torch.func.jvp. As a result, a wrapper's forward hooks run as
+usual, such as FSDP gathering its sharded parameters, while the tangents flow through the inputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.trigflow import SIGMA_DATA
@@ -41,18 +46,19 @@ def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def consistency_tangent(student: Student, pairs: Pairs, r: float, norm_c: float):
-    """(F^-, g): the stop-grad student output and the normalised tangent (Sprint Alg. 2, lines 6-9)."""
+def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float):
+    """(F^-, g): the stop-grad student output and the normalised tangent (Sprint Alg. 2, lines 6-9).
+    `student` is a Student, or one wrapped by accelerate (its forward returns (F, logvar))."""
     t = pairs.t.to(pairs.x_t.dtype)
     cos, sin = _column(torch.cos(t), pairs.x_t), _column(torch.sin(t), pairs.x_t)
-
-    def f(x_over_sigma: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        return student.velocity(x_over_sigma, time, pairs.states, pairs.mask, pairs.guidance)
-
     # Rearranged tangents: (cos t sin t dx/dt / sigma_d, cos t sin t) give J = cos t sin t dF/dt (Sprint Alg. 2).
     tangents = (cos * sin * pairs.velocity / SIGMA_DATA, torch.cos(t) * torch.sin(t))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # fused SDPA kernels have no forward-mode AD
-        f_minus, jvp = torch.func.jvp(f, (pairs.x_t / SIGMA_DATA, t), tangents)
+    # fused SDPA kernels have no forward-mode AD
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), fwad.dual_level():
+        x_dual = fwad.make_dual(pairs.x_t / SIGMA_DATA, tangents[0])
+        t_dual = fwad.make_dual(t, tangents[1])
+        velocity = student(x_dual, t_dual, pairs.states, pairs.mask, pairs.guidance)[0]
+        f_minus, jvp = fwad.unpack_dual(velocity)
     # g = -cos^2 t (sigma_d F^- - dx/dt) - r (cos t sin t x_t + sigma_d J)  (sCM eq. 8, Sprint Alg. 2 line 8)
     g = -cos**2 * (SIGMA_DATA * f_minus - pairs.velocity) - r * (cos * sin * pairs.x_t + SIGMA_DATA * jvp)
     g_norm = g.flatten(1).norm(dim=1)
@@ -60,14 +66,13 @@ def consistency_tangent(student: Student, pairs: Pairs, r: float, norm_c: float)
     return f_minus, g
 
 
-def scm_loss(student: Student, pairs: Pairs, r: float, norm_c: float = 0.1, wrapped=None):
+def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float = 0.1):
     """Returns (loss, stats). Per element: e^{-logvar} / (sigma_d tan t) (F - F^- - g)^2 + logvar (sCM eq. 14).
 
-    `wrapped` is the same student as prepared by accelerate (DDP): the differentiable forward goes through it so
-    gradients are averaged across ranks; the JVP pass uses the plain module."""
+    `student` may be wrapped by accelerate: through DDP or FSDP the gradients are reduced across ranks."""
     f_minus, g = consistency_tangent(student, pairs, r, norm_c)
-    velocity, logvar = (wrapped or student)(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states,
-                                            pairs.mask, pairs.guidance)
+    velocity, logvar = student(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states, pairs.mask,
+                               pairs.guidance)
     prior = 1.0 / (SIGMA_DATA * torch.tan(pairs.t.float()))
     per_pair = (velocity.float() - f_minus.float() - g.float()).square().flatten(1).mean(1)
     weighted = prior * torch.exp(-logvar.float()) * per_pair + logvar.float()

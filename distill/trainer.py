@@ -2,8 +2,9 @@
 
 Each step: pairs (teacher rollouts, precomputed rollout shards, or noised real images) -> sCM loss with one JVP
 and one differentiable forward -> clipped AdamW step, skipped when the gradient norm is not finite -> EMA.
-Every rank rolls out its own prompts (seeded by rank); gradients are averaged by DDP. Checkpoints are atomic and
-carry RNG state, so `--resume` continues exactly.
+Every rank rolls out its own prompts (seeded by rank); gradients are averaged by DDP, or reduced by FSDP when the
+accelerate config shards the student (FSDP version 2; the JVP pass runs through the sharded model). Checkpoints
+are atomic and carry RNG state, so `--resume` continues exactly.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from diffusers import SCMScheduler
 
 from models import world
@@ -63,6 +64,9 @@ class Distiller:
             raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
         self.config, self.out = config, Path(config.out)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        if config.ladd and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--ladd runs with DDP only: accelerate's FSDP version 2 prepares one model per run, "
+                             "and the LADD heads would be a second")
         self.teacher = load_teacher(config, self.accelerator.device)
         self.prompts = read_prompts(config.prompts, config.seed)
         self.shards = RolloutShards(config.rollouts) if config.rollouts else None
@@ -130,7 +134,7 @@ class Distiller:
         student = self.accelerator.unwrap_model(self.model)
         self.optimizer.param_groups[0]["lr"] = learning_rate(config, self.step + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
-            loss, stats = scm_loss(student, pairs, r, config.tangent_norm_c, wrapped=self.model)
+            loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
@@ -198,15 +202,14 @@ class Distiller:
         return record
 
     def save(self) -> None:
-        """The checkpoint (main process); with several processes every rank first writes its RNG state beside it,
-        and its older RNG files go only once the new checkpoint is committed, so a kill leaves a consistent set."""
+        """The checkpoint (every rank gathers, rank 0 writes); with several processes every rank first writes its
+        RNG state beside it, and its older RNG files go only once the new checkpoint is committed, so a kill leaves
+        a consistent set."""
         accelerator, several = self.accelerator, self.accelerator.num_processes > 1
         if several:
             save_rank_rng(self.out, accelerator.process_index, self.step)
             accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config,
-                            {"counters": self.counters})
+        save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config, {"counters": self.counters})
         if several:
             accelerator.wait_for_everyone()
             prune_rank_rng(self.out, accelerator.process_index, self.step)

@@ -3,6 +3,10 @@
 A checkpoint is one `checkpoint.safetensors` (model, EMA and optimizer tensors, RNG state) plus its JSON metadata
 stored inside the safetensors header, written to a temp file, fsynced and renamed, so a kill at any moment leaves
 either the old checkpoint or the new one. Nothing is unpickled on load.
+
+Weights and optimizer state go through torch.distributed.checkpoint's state-dict API, keyed by parameter name, so
+one format serves one process, DDP and FSDP: under FSDP every rank gathers the whole tensors (a collective), rank
+0 writes them, and on resume every rank reads the file and keeps its own shards.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -46,25 +52,26 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed by parameter name -> safetensors tensors `optimizer.<name>.<slot>` and JSON scalars."""
     tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
-        for name, value in per_param.items():
+    for param, per_param in state["state"].items():
+        for slot, value in per_param.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value
+                tensors[f"optimizer.{param}.{slot}"] = value
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{param}.{slot}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            param, slot = key[len("optimizer."):].rsplit(".", 1)
+            state.setdefault(param, {})[slot] = value
     for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param, slot = key.rsplit(".", 1)
+        state.setdefault(param, {})[slot] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -122,28 +129,35 @@ def prune_rank_rng(out: Path, rank: int, step: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def _writer() -> bool:
+    """Whether this process writes shared files: the only process, or rank 0 of several."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                     config, extra: dict | None = None) -> Path:
-    """Everything needed to continue exactly: weights, EMA, optimizer, RNG, step, config, extra JSON state."""
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, module in modules.items():
-        tensors.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    rng_tensors, rng_meta = rng_state()
-    meta = {"step": step, "config": dataclasses.asdict(config), "optimizer": opt_meta, "rng": rng_meta,
-            "extra": extra or {}}
+    """Everything needed to continue exactly: weights, EMA, optimizer, RNG, step, config, extra JSON state.
+    With several processes every rank calls it (FSDP gathers shards); rank 0 writes."""
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optimizer_state = get_state_dict(torch.nn.ModuleDict(modules), optimizer, options=whole)
     path = Path(out) / CHECKPOINT
-    atomic_write_safetensors(tensors | opt_tensors | rng_tensors, path, meta)
+    if _writer():
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        rng_tensors, rng_meta = rng_state()
+        meta = {"step": step, "config": dataclasses.asdict(config), "optimizer": opt_meta, "rng": rng_meta,
+                "extra": extra or {}}
+        atomic_write_safetensors(weights | opt_tensors | rng_tensors, path, meta)
     return path
 
 
 def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what save_checkpoint wrote; returns its metadata (step, config, extra)."""
+    """Restore what save_checkpoint wrote (every rank reads it and keeps its shards); returns its metadata
+    (step, config, extra). The RNG restored is rank 0's: other ranks then load their own (load_rank_rng)."""
     tensors, meta = read_safetensors(Path(out) / CHECKPOINT)
-    for prefix, module in modules.items():
-        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        module.load_state_dict(own)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    weights = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in modules}
+    set_state_dict(torch.nn.ModuleDict(modules), optimizer, model_state_dict=weights,
+                   optim_state_dict=_unflatten_optimizer(tensors, meta["optimizer"]),
+                   options=StateDictOptions(full_state_dict=True))
     set_rng_state(tensors, meta["rng"])
     return meta
 
@@ -159,9 +173,11 @@ def check_resume_config(out: Path, config) -> None:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """Exponential moving average of weights: ema <- decay ema + (1 - decay) model (Polyak averaging)."""
+    """Exponential moving average of weights: ema <- decay ema + (1 - decay) model (Polyak averaging).
+    `ema` is a whole copy; `model`'s parameters may be FSDP2 shards (DTensors), gathered here on every rank."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+        whole = p.full_tensor() if isinstance(p, DTensor) else p
+        e.lerp_(whole.detach(), 1 - decay)
 
 
 class RunLog:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from distill.config import DistillConfig
 from distill.trainer import Distiller
@@ -29,7 +30,9 @@ def run(config: DistillConfig, resume: bool) -> None:
 
     distiller.train_step = recorded
     distiller.train()
-    atomic_write_safetensors(distiller.student.state_dict(), out / f"student-rank{rank}.safetensors")
+    whole = StateDictOptions(full_state_dict=True)  # FSDP shards gathered; DDP and one process: as they are
+    weights = get_model_state_dict(distiller.student, options=whole)
+    atomic_write_safetensors({k: v.cpu() for k, v in weights.items()}, out / f"student-rank{rank}.safetensors")
 
 
 if __name__ == "__main__":

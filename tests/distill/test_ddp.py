@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from distill.config import DistillConfig
@@ -19,24 +20,33 @@ TINY = dict(prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_
             checkpoint_every=1, tangent_warmup=2)
 
 
-def launch(jobs: list[dict]) -> None:
+DDP_ON_CPU = ("--multi_gpu", "--num_processes", "2")
+FSDP2_ON_ONE_GPU = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                    "--fsdp_transformer_layer_cls_to_wrap", "SanaTransformerBlock",
+                    "--fsdp_cpu_ram_efficient_loading", "false", "--num_processes", "1")
+
+
+def launch(jobs: list[dict], mode: tuple[str, ...] = DDP_ON_CPU) -> None:
     """`accelerate launch --multi_gpu --num_processes 2`: with no CUDA device the trainer's Accelerator(cpu=True)
-    makes accelerate pick MULTI_CPU with the gloo backend (`--cpu` alone would start a single process)."""
+    makes accelerate pick MULTI_CPU with the gloo backend (`--cpu` alone would start a single process).
+    FSDP2_ON_ONE_GPU shards over one CUDA process instead (accelerate enables FSDP on accelerators only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    if mode == DDP_ON_CPU:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(WORKER), json.dumps(jobs)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def rank_losses(run: Path, rank: int) -> dict[int, float]:
+def rank_losses(run: Path, rank: int, world: int = 2) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / f"losses-rank{rank}.jsonl").read_text().splitlines()]
-    assert all(row["world"] == 2 for row in rows)
+    assert all(row["world"] == world for row in rows)
     return {row["step"]: row["loss"] for row in rows}
 
 
@@ -70,10 +80,27 @@ def test_two_rank_ddp_trains_in_lockstep_and_resumes_exactly(tiny_teacher_dir, t
     assert logged[0] == logged[1] == [rank_losses(straight, 0)[s] for s in (1, 2, 3, 4)]  # rank 0's log
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate enables FSDP on accelerators only")
+def test_fsdp2_run_resumes_where_the_uninterrupted_one_ends(tiny_teacher_dir, tmp_path):
+    """Under accelerate's FSDP version 2 (the student sharded, the JVP through it, checkpoints gathered), a run
+    checkpointed at step 2 and resumed in a fresh process ends where the uninterrupted run does (CUDA kernels
+    are not bitwise deterministic, hence the tolerance)."""
+    def job(name: str, steps: int, resume: bool = False) -> dict:
+        config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / name), steps=steps, **TINY)
+        return {"config": config.__dict__, "resume": resume}
+
+    launch([job("straight", 4), job("resumed", 2)], FSDP2_ON_ONE_GPU)
+    launch([job("resumed", 4, resume=True)], FSDP2_ON_ONE_GPU)
+    straight, resumed = (rank_losses(tmp_path / name, 0, world=1) for name in ("straight", "resumed"))
+    assert sorted(straight) == [1, 2, 3, 4]
+    assert straight == pytest.approx(resumed, rel=1e-3)
+    weights = [load_file(tmp_path / name / "student-rank0.safetensors") for name in ("straight", "resumed")]
+    assert all(torch.allclose(weights[0][k], weights[1][k], rtol=1e-3, atol=1e-5) for k in weights[0])
+
+
 def test_rank_rng_files_round_trip_and_fail_clearly(tmp_path):
     import random
-
-    import torch
 
     from models.training import load_rank_rng, prune_rank_rng, save_rank_rng
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -22,7 +23,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def check_against_reference(fn, reference, inputs: list[torch.Tensor], dtype: torch.dtype) -> None:
-    """fn's output, gradients for every input, and torch.func.jvp tangent match reference's.
+    """fn's output, gradients for every input, and forward-mode tangent (torch.func.jvp and the dual tensors of
+    torch.autograd.forward_ad, which the trainer uses) match reference's.
 
     fn runs on the inputs in `dtype`; reference runs in fp32 on the same (rounded) values, so
     the comparison measures the kernel's own error. Softmax references use PyTorch's math
@@ -49,5 +51,8 @@ def check_against_reference(fn, reference, inputs: list[torch.Tensor], dtype: to
             primal, tangent = torch.func.jvp(fn, tuple(inputs), tuple(tangents))
             _, expected_tangent = torch.func.jvp(
                 reference, tuple(x.float() for x in inputs), tuple(t.float() for t in tangents))
+            with fwad.dual_level():
+                dual_tangent = fwad.unpack_dual(fn(*map(fwad.make_dual, inputs, tangents))).tangent
         assert_close(primal, expected, dtype, "jvp primal")
         assert_close(tangent, expected_tangent, dtype, "jvp tangent")
+        assert_close(dual_tangent, expected_tangent, dtype, "dual-tensor tangent")

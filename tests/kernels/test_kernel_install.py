@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 from diffusers import SanaTransformer2DModel
 from kernel_test_utils import DEVICE, assert_close
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,9 +44,9 @@ def run(model, inputs):
                      encoder_attention_mask=inputs["caption_mask"], return_dict=False)[0]
 
     with sdpa_kernel(SDPBackend.MATH):
-        with torch.no_grad():
-            output, tangent = torch.func.jvp(student, (inputs["latents"], inputs["timestep"]),
-                                             (inputs["latents_tangent"], inputs["timestep_tangent"]))
+        with torch.no_grad(), fwad.dual_level():  # dual tensors, as the trainer's JVP pass uses
+            output, tangent = fwad.unpack_dual(student(fwad.make_dual(inputs["latents"], inputs["latents_tangent"]),
+                                                       fwad.make_dual(inputs["timestep"], inputs["timestep_tangent"])))
         model.zero_grad()
         student(inputs["latents"], inputs["timestep"]).square().mean().backward()
     grads = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
