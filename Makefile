@@ -35,7 +35,11 @@ world: install
 	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher
 	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher-annealed \
 		--init-from runs/world/teacher/transformer --steps 3000 --warmup-steps 100 --cosine-decay
-	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher-annealed
+	# third phase: 12000 fresh training scenes (the next seed's draw), a lower peak lr, annealed again
+	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 1) --dataset-size 12000 --vae runs/world/vae \
+		--out runs/world/teacher-phase3 --init-from runs/world/teacher-annealed/transformer --steps 2000 \
+		--lr 2e-4 --warmup-steps 100 --cosine-decay
+	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher-phase3
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
 student: install

@@ -29,6 +29,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from service.config import ServiceConfig  # noqa: E402
 from service.loadtest import LoadTestConfig, run_load  # noqa: E402
 
 PROMPT = "a small red circle in the middle"
@@ -42,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=15.0, help="measured seconds of each load phase")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each phase")
     parser.add_argument("--overload-s", type=float, default=60.0, help="seconds of 3x overload")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in generator and server (0: default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in generator and server (0: the service's default)")
+    defaults = ServiceConfig()
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="the server's max_batch")
+    parser.add_argument("--microbatch", type=int, default=defaults.microbatch,
+                        help="rows per pass, in the server and the in-process generator alike")
     parser.add_argument("--json-out", default="runs/bench/serving.json", help="where the JSON report goes")
     return parser.parse_args()
 
@@ -60,25 +65,25 @@ def machine() -> dict:
             "bentoml": bentoml.__version__}
 
 
-def generator_p50(path: Path, threads: int, calls: int = 30) -> float:
-    """Milliseconds per generate() of one image (text encoding + transformer + VAE decode), in-process, warm."""
+def generator_p50(path: Path, threads: int, microbatch: int, duration_s: float) -> float:
+    """Milliseconds per generate() of one image (text encoding + transformer + VAE decode), in-process, warm, over
+    as many calls as fit in `duration_s` (the HTTP phase it is compared with runs as long)."""
     import torch
 
     from models.generator import Generator
     from models.pipeline import load_pipeline
-    from service.config import ServiceConfig
-    from service.runtime import pick_device
+    from service.runtime import generator_threads, pick_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    config = ServiceConfig()
-    generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=config.microbatch)
+    config = ServiceConfig(threads=threads, microbatch=microbatch)
+    if generator_threads(config):  # as many threads as the server's generator gets
+        torch.set_num_threads(generator_threads(config))
+    generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=microbatch)
     for seed in range(3):
         generator.generate([PROMPT], [seed])
-    times = []
-    for seed in range(calls):
+    times, end = [], time.monotonic() + duration_s
+    while time.monotonic() < end:
         started = time.perf_counter()
-        generator.generate([PROMPT], [seed])
+        generator.generate([PROMPT], [len(times)])
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 
@@ -141,8 +146,10 @@ def run(args: argparse.Namespace) -> dict:
     report = {"machine": machine(), "model": {"spec": "tiny" if args.tiny else model, "path": str(path),
                                               "manifest": info}, "phases": {}}
     phases = report["phases"]
-    phases["generator_batch1_p50_ms"] = round(generator_p50(path, args.threads), 2)
-    proc, url = start_server(str(path), args.threads)
+    phases["generator_batch1_p50_ms"] = round(generator_p50(path, args.threads, args.microbatch, args.duration_s), 2)
+    report["server_args"] = {"threads": args.threads, "max_batch": args.max_batch, "microbatch": args.microbatch}
+    proc, url = start_server(str(path), args.threads, ("--max-batch", str(args.max_batch),
+                                                       "--microbatch", str(args.microbatch)))
     try:
         base = LoadTestConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, progress=False, slo_ms=1e9)
         phases["c1"] = run_load(url, replace(base, mode="closed", concurrency=1))
@@ -196,7 +203,8 @@ def table(report: dict) -> str:
         latency = f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} ms" if lat else "no 200s"
         rows.append((label, latency, f"{run['throughput_rps']:.2f} ok/s {run['status_counts']}"))
     lines = [f"model {report['model']['spec']} ({report['model']['path']}); {report['machine']['cpu']}, "
-             f"{report['machine']['cpus']} CPUs, load {report['machine']['loadavg_at_start'][0]:.1f}"]
+             f"{report['machine']['cpus']} CPUs, load {report['machine']['loadavg_at_start'][0]:.1f}; "
+             + ", ".join(f"{k} {v}" for k, v in report["server_args"].items())]
     lines += [f"{a:<40} {b:<28} {c}" for a, b, c in rows]
     lines += [f"{'MET ' if g['met'] else 'MISS'} {name}: {g['value']}" for name, g in report["goals"].items()]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ predict from the first request on whether a deadline can be met.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,15 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def generator_threads(config: ServiceConfig) -> int:
+    """Torch intra-op threads for the generator: `threads` if set; else, on CPU, every core but one, which the HTTP
+    worker, JSON and image encoding need (with 2 torch threads on a 2-core CPU they fought the model's threads:
+    results.md, Table 4); else 0, torch's default."""
+    if config.threads:
+        return config.threads
+    return max(1, (os.cpu_count() or 2) - 1) if pick_device(config.device).type == "cpu" else 0
 
 
 def load_model(spec: str, config: ServiceConfig) -> LoadedModel:

@@ -16,6 +16,7 @@ from .config import ServiceConfig
 from .engine import Engine
 from .http import build_app
 from .metrics import LATENCY_BUCKETS, worker_metrics
+from .runtime import generator_threads
 
 log = logging.getLogger("tbcm.service")
 IMPORT_CONFIG = ServiceConfig.from_env()  # only for the decorator's server-side timeout; workers re-read it
@@ -40,10 +41,10 @@ def stop_server(message: str) -> None:
 class TBCMService:
     def __init__(self) -> None:
         config = ServiceConfig.from_env()
-        if config.threads:
+        if threads := generator_threads(config):
             import torch
 
-            torch.set_num_threads(config.threads)
+            torch.set_num_threads(threads)
         self.engine = Engine(config, worker_metrics(), on_fatal=stop_server)
 
     def __is_ready__(self) -> bool:

@@ -36,6 +36,16 @@ def test_config_round_trips_through_the_environment():
     assert config.size_list() == [16, 32]
 
 
+def test_generator_threads_leave_one_cpu_core_to_http_unless_set(monkeypatch):
+    from service.runtime import generator_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert generator_threads(ServiceConfig(device="cpu")) == 7
+    assert generator_threads(ServiceConfig(device="cpu", threads=3)) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert generator_threads(ServiceConfig(device="cpu")) == 1
+
+
 @pytest.mark.parametrize("env,message", [({"TBCM_MAX_BATCH": "lots"}, "TBCM_MAX_BATCH='lots'"),
                                          ({"TBCM_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
                                          ({"TBCM_DEFAULT_FORMAT": "gif"}, "default_format"),
