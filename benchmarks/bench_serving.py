@@ -43,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=15.0, help="measured seconds of each load phase")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each phase")
     parser.add_argument("--overload-s", type=float, default=60.0, help="seconds of 3x overload")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads in generator and server (0: the service's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads in generator and server (0: the service's default)")
     defaults = ServiceConfig()
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="the server's max_batch")
     parser.add_argument("--microbatch", type=int, default=defaults.microbatch,
@@ -75,8 +76,8 @@ def generator_p50(path: Path, threads: int, microbatch: int, duration_s: float) 
     from service.runtime import generator_threads, pick_device
 
     config = ServiceConfig(threads=threads, microbatch=microbatch)
-    if generator_threads(config):  # as many threads as the server's generator gets
-        torch.set_num_threads(generator_threads(config))
+    if threads := generator_threads(config):  # as many threads as the server's generator gets
+        torch.set_num_threads(threads)
     generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=microbatch)
     for seed in range(3):
         generator.generate([PROMPT], [seed])

@@ -31,7 +31,7 @@ class ServiceConfig:
     default_format: str = "png"  # image format when a request names none: png, jpeg or webp
     default_quality: int = 90  # JPEG/WebP quality when a request names none (1-100)
     device: str = "auto"  # torch device for the generator: auto (cuda when present), cpu, cuda, cuda:1, ...
-    threads: int = 0  # torch intra-op threads for the generator (0: on CPU all cores but one, left to HTTP; on CUDA torch's default)
+    threads: int = 0  # torch intra-op threads for the generator (0: CPU, all cores but one; CUDA, torch's default)
     encode_threads: int = 2  # threads encoding images to PNG/JPEG/WebP beside the generator
     simulated_delay_s: float = 0.0  # drills and tests only: extra seconds every batch takes after warm-up (keep 0)
 

@@ -7,10 +7,8 @@ Closed loop runs `concurrency` clients that each send the next request when the 
 scheduled (open) or sent (closed) during the warm-up are answered but not counted.
 
 The transport is aiohttp: the client usually shares the machine with the server, and its CPU per request decides
-whether it can hold an open-loop rate at all (`client_send_lag_ms_max` is how far it fell behind its own schedule).
-Measured against a trivial local server answering 429 (2-core AMD EPYC, 1000 requests): httpx.AsyncClient cost
-1.0 ms CPU per request with 1 connection busy and 2.1-3.5 ms with 16-64 (its pool grows costly), aiohttp 0.26 ms
-and 0.18-0.19 ms.
+whether it can hold an open-loop rate at all (`client_send_lag_ms_max` is how far it fell behind its own schedule;
+with httpx's client, whose per-request CPU grows with its connection pool, 3x overload left it far behind).
 """
 from __future__ import annotations
 
