@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 PORT ?= 3000
 TBCM_MODEL ?= student
 SEED ?= 0
+WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
+WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
 .PHONY: install test serve demo gpu-check world student eval-shipped clean-venv
 
@@ -30,16 +32,17 @@ demo: install
 
 # Re-make the shipped embedded world (VAE, evaluator, teacher) from the recorded seeds and configs.
 world: install
-	$(BIN)/tbcm world train-vae --seed $(SEED) --out runs/world/vae
-	$(BIN)/tbcm world train-evaluator --seed $(SEED) --out runs/world/evaluator
-	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher
-	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae runs/world/vae --out runs/world/teacher-annealed \
-		--init-from runs/world/teacher/transformer --steps 3000 --warmup-steps 100 --cosine-decay
+	$(BIN)/tbcm world train-vae --seed $(SEED) --out $(WORLD_RUNS)/vae
+	$(BIN)/tbcm world train-evaluator --seed $(SEED) --out $(WORLD_RUNS)/evaluator
+	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae $(WORLD_RUNS)/vae --out $(WORLD_RUNS)/teacher
+	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae $(WORLD_RUNS)/vae --out $(WORLD_RUNS)/teacher-annealed \
+		--init-from $(WORLD_RUNS)/teacher/transformer --steps 3000 --warmup-steps 100 --cosine-decay
 	# third phase: 12000 fresh training scenes (the next seed's draw), a lower peak lr, annealed again
-	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 1) --dataset-size 12000 --vae runs/world/vae \
-		--out runs/world/teacher-phase3 --init-from runs/world/teacher-annealed/transformer --steps 2000 \
+	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 1) --dataset-size 12000 --vae $(WORLD_RUNS)/vae \
+		--out $(WORLD_RUNS)/teacher-phase3 --init-from $(WORLD_RUNS)/teacher-annealed/transformer --steps 2000 \
 		--lr 2e-4 --warmup-steps 100 --cosine-decay
-	$(BIN)/tbcm world ship --vae runs/world/vae --evaluator runs/world/evaluator --teacher runs/world/teacher-phase3
+	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
+		--teacher $(WORLD_RUNS)/teacher-phase3 --weights $(WEIGHTS)
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
 student: install

@@ -38,7 +38,10 @@ def export_student(student: Pipeline, teacher: Pipeline, config: DistillConfig, 
         for split in ("train", "heldout"):
             result = evaluate(EvalConfig(model=str(out), steps=1, prompts=split, n=eval_n), student)
             manifest["eval"][split] = {k: result[k] for k in ("fd", "accuracy", "nfe", "images_per_s")}
-    inherited = {k: v for k, v in teacher.info.items() if k != "eval"}  # the teacher's eval is not the student's
+    # the teacher's eval, maker and training run describe the teacher: its run goes under manifest["teacher"]
+    inherited = {k: v for k, v in teacher.info.items() if k not in ("eval", "made_by", "teacher_run")}
+    if "teacher_run" in teacher.info:
+        manifest["teacher"]["run"] = teacher.info["teacher_run"]
     student.info = {**inherited, "kind": "student"}
     return save_pipeline(student, out, {**student.info, "manifest": manifest}, copy_text_encoder=standalone)
 

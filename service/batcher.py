@@ -8,7 +8,9 @@ a batch can take longer than the estimate (CPU contention, a slower GPU clock), 
 deadline is answered 504 after its compute was spent; the margin makes such requests 503 before compute instead.
 
 The generator thread takes the oldest request and every later one with the same (model, steps, size) that fits
-into `max_batch` images (guidance may differ per image), and runs them as one generator call. Right before the
+into `max_batch` images (guidance may differ per image), and runs them as one generator call. While more than one
+microbatch of images waits, that limit is rounded down to whole microbatches: the rest waits for the next call,
+where it fills padding rows, instead of adding a mostly padded microbatch to this call. Right before the
 call it drops requests whose handler gave up (client disconnected, or timed out) and answers 503 to those whose
 deadline the call would miss. Requests carry the model they were validated against, so a hot swap never changes
 the model under a queued request: old requests finish on the old model, new ones go to the new model.
@@ -162,11 +164,11 @@ class Batcher:
             if self._calls:
                 return self._calls.popleft()
             head = self._queue.popleft()
+            live = [job for job in self._queue if not job.future.cancelled()]
+            limit = self._call_limit(head, [job for job in live if job.key == head.key])
             batch, images, kept = [head], head.images, deque()
-            for job in self._queue:
-                if job.future.cancelled():
-                    continue
-                if job.key == head.key and images + job.images <= self.config.max_batch:
+            for job in live:
+                if job.key == head.key and images + job.images <= limit:
                     batch.append(job)
                     images += job.images
                 else:
@@ -175,6 +177,14 @@ class Batcher:
             self.metrics.queue_depth.set(len(kept))
             self._running = (self._clock(), self._batch_seconds(head.key, images))
             return batch
+
+    def _call_limit(self, head: Job, same_key: list[Job]) -> int:
+        """Most images for the call that `head` starts: max_batch, rounded down to whole microbatches while more
+        than one microbatch is waiting (a part-filled microbatch is padded, and costs as much as a full one)."""
+        rows, waiting = self.config.microbatch, head.images + sum(job.images for job in same_key)
+        if waiting <= rows:
+            return self.config.max_batch
+        return max(head.images, min(self.config.max_batch, waiting) // rows * rows)
 
     def _loop(self) -> None:
         while (work := self._next_work()) is not None:

@@ -15,6 +15,14 @@ ADMIN_TOKEN_ENV = "TBCM_ADMIN_TOKEN"  # a secret, so an environment variable onl
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 
 
+def parse_bool(text: str) -> bool:
+    if text.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     model: str = "student"  # pipeline folder, shipped name (student, teacher) or BentoML model-store tag (name:version)
@@ -33,6 +41,8 @@ class ServiceConfig:
     device: str = "auto"  # torch device for the generator: auto (cuda when present), cpu, cuda, cuda:1, ...
     threads: int = 0  # torch intra-op threads for the generator (0: CPU, all cores but one; CUDA, torch's default)
     encode_threads: int = 2  # threads encoding images to PNG/JPEG/WebP beside the generator
+    access_log: bool = True  # BentoML's per-request access log line (the tbcm_* metrics count requests either way)
+    switch_interval_ms: float = 1.0  # worker's GIL switch interval (0: Python's 5 ms); caps the generator's GIL waits
     simulated_delay_s: float = 0.0  # drills and tests only: extra seconds every batch takes after warm-up (keep 0)
 
     def __post_init__(self):
@@ -41,8 +51,8 @@ class ServiceConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or self.simulated_delay_s < 0 or self.threads < 0:
-            raise ValueError("request_timeout_s must be > 0, simulated_delay_s and threads >= 0")
+        if self.request_timeout_s <= 0 or min(self.simulated_delay_s, self.threads, self.switch_interval_ms) < 0:
+            raise ValueError("request_timeout_s must be > 0; simulated_delay_s, threads, switch_interval_ms >= 0")
         if self.deadline_margin < 1:
             raise ValueError(f"deadline_margin must be at least 1, got {self.deadline_margin}")
         if self.default_format not in IMAGE_FORMATS:
@@ -70,7 +80,7 @@ class ServiceConfig:
             text = environ.get(ENV_PREFIX + f.name.upper())
             if text is not None:
                 try:
-                    values[f.name] = hints[f.name](text)
+                    values[f.name] = parse_bool(text) if hints[f.name] is bool else hints[f.name](text)
                 except ValueError:
                     raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={text!r} is not a valid "
                                      f"{hints[f.name].__name__}") from None

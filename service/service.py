@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 import bentoml
 
@@ -37,10 +38,13 @@ def stop_server(message: str) -> None:
 
 @bentoml.asgi_app(build_app(current_engine))
 @bentoml.service(name="tbcm", workers=1, traffic={"timeout": IMPORT_CONFIG.request_timeout_s + TIMEOUT_MARGIN_S},
-                 metrics={"enabled": True, "duration": {"buckets": list(LATENCY_BUCKETS)}})
+                 metrics={"enabled": True, "duration": {"buckets": list(LATENCY_BUCKETS)}},
+                 logging={"access": {"enabled": IMPORT_CONFIG.access_log}})
 class TBCMService:
     def __init__(self) -> None:
         config = ServiceConfig.from_env()
+        if config.switch_interval_ms:
+            sys.setswitchinterval(config.switch_interval_ms / 1000)
         if threads := generator_threads(config):
             import torch
 

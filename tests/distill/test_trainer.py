@@ -79,10 +79,13 @@ def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_tea
 
     distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY))
     distiller.train()
+    distiller.teacher.info |= {"made_by": "make world", "teacher_run": {"step": 3}}  # as a shipped teacher has
     folder = export_student(distiller.pipeline(), distiller.teacher, distiller.config, tmp_path / "student",
                             distiller.step, distiller.counters)
-    manifest = json.loads((folder / "tbcm.json").read_text())["manifest"]
+    info = json.loads((folder / "tbcm.json").read_text())
+    manifest = info["manifest"]
     assert manifest["method"] == "tbcm" and manifest["teacher"]["transformer_sha256"]
+    assert manifest["teacher"]["run"] == {"step": 3} and "made_by" not in info and "teacher_run" not in info
 
     prompt, seed = "a small green square at the top", 7
     size = 32  # SanaSprintPipeline needs multiples of 32 pixels: 8x8 latents with the tiny f4 VAE

@@ -92,6 +92,22 @@ def test_same_seed_alone_and_inside_a_concurrent_batch_gives_identical_png(make_
     assert results[0].content == alone.content
 
 
+def test_worker_sets_the_gil_switch_interval_and_freezes_the_loaded_heap(make_service):
+    import gc
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        gc.unfreeze()
+        client = make_service(switch_interval_ms=2.5)
+        assert client.get("/readyz").status_code == 200
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+        assert gc.get_freeze_count() > 1000  # the model and the libraries, frozen once it went live
+    finally:
+        sys.setswitchinterval(before)
+        gc.unfreeze()
+
+
 def test_openai_schema_in_process(client):
     response = client.post("/v1/images/generations", json={
         "prompt": PROMPT, "n": 2, "size": "16x16", "response_format": "b64_json", "output_format": "jpeg",

@@ -222,3 +222,50 @@ def test_deadline_margin_turns_504s_from_slow_batches_into_503s_before_compute(m
     finally:
         model.hold.set()
         batcher.close()
+
+
+class RecordingModel(SlowerThanEstimatedModel):
+    """Records the images of every generator call; the first call runs until the test sets `hold`."""
+
+    def __init__(self, clock: FakeClock):
+        super().__init__(clock, estimate=0.01, real=0.01)
+        self.calls: list[int] = []
+
+    def generate(self, prompts, seeds, steps, size, guidance, delay_s=0.0):
+        self.calls.append(len(prompts))
+        return super().generate(prompts, seeds, steps, size, guidance, delay_s)
+
+
+@pytest.mark.parametrize(("waiting", "calls"), [([1] * 5, [4, 1]), ([1] * 3, [3]), ([3, 2, 1], [4, 2]),
+                                                ([1] * 10, [8, 2]), ([5, 1], [5, 1])])
+def test_calls_take_whole_microbatches_while_more_than_one_is_waiting(waiting, calls):
+    """max_batch 8, microbatch 4: requests of `waiting` images queue behind a running call, then go out as `calls`
+    (a call never pads a microbatch while a later request could have filled it)."""
+    from unittest.mock import MagicMock
+
+    from service.batcher import Batcher, Job
+    from service.config import ServiceConfig
+    from service.metrics import Metrics
+
+    clock = FakeClock()
+    model = RecordingModel(clock)
+    batcher = Batcher(ServiceConfig(max_batch=8, microbatch=4), Metrics(*(MagicMock() for _ in range(5))), clock)
+
+    def job(images: int) -> Job:
+        return Job(model, [PROMPT] * images, list(range(images)), [4.5] * images, steps=1, size=16, deadline=1e9)
+
+    try:
+        jobs = [job(1)]
+        batcher.submit(jobs[0])
+        deadline = time.monotonic() + 60
+        while not batcher.state()["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        jobs += [job(images) for images in waiting]
+        for queued in jobs[1:]:
+            batcher.submit(queued)
+        model.hold.set()
+        assert all(answer(queued, clock)[0] == 200 for queued in jobs)
+        assert model.calls == [1, *calls]
+    finally:
+        model.hold.set()
+        batcher.close()

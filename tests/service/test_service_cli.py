@@ -31,7 +31,7 @@ def test_serve_help_shows_every_knob_with_its_comment(capsys):
 
 
 def test_config_round_trips_through_the_environment():
-    config = ServiceConfig(model="/m", max_batch=3, request_timeout_s=2.5, sizes="16,32")
+    config = ServiceConfig(model="/m", max_batch=3, request_timeout_s=2.5, sizes="16,32", access_log=False)
     assert ServiceConfig.from_env(config.to_env()) == config
     assert config.size_list() == [16, 32]
 
@@ -50,7 +50,9 @@ def test_generator_threads_leave_one_cpu_core_to_http_unless_set(monkeypatch):
                                          ({"TBCM_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
                                          ({"TBCM_DEFAULT_FORMAT": "gif"}, "default_format"),
                                          ({"TBCM_SIZES": "16,big"}, "sizes must be"),
-                                         ({"TBCM_DEADLINE_MARGIN": "0.9"}, "deadline_margin must be at least 1")])
+                                         ({"TBCM_DEADLINE_MARGIN": "0.9"}, "deadline_margin must be at least 1"),
+                                         ({"TBCM_SWITCH_INTERVAL_MS": "-1"}, "switch_interval_ms >= 0"),
+                                         ({"TBCM_ACCESS_LOG": "maybe"}, "TBCM_ACCESS_LOG='maybe'")])
 def test_bad_config_is_refused_naming_the_knob(env, message):
     with pytest.raises(ValueError, match=message):
         ServiceConfig.from_env(env)
