@@ -16,11 +16,11 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 
 
 def parse_bool(text: str) -> bool:
-    if text.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
+    """An environment variable's boolean: 1/true/yes/on or 0/false/no/off (any case)."""
+    word = text.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"not a boolean: {text!r}")
+    return word in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
