@@ -12,6 +12,7 @@ client; Poisson at 70% of the 16-client throughput: p99 <= 4x the unloaded HTTP 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -66,7 +67,17 @@ def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "bentoml": bentoml.__version__}
+            "bentoml": bentoml.__version__, **{name: installed_version(name) for name in SERVER_PACKAGES}}
+
+
+SERVER_PACKAGES = ("uvicorn", "uvloop", "httptools", "aiohttp")  # uvicorn uses uvloop and httptools when present
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def load_generator(path: Path, threads: int, microbatch: int):
@@ -266,6 +277,10 @@ def table(report: dict) -> str:
         server = run["server"]
         stages = " ".join(f"{stage} {ms:.1f}" for stage, ms in server["stage_ms_mean"].items())
         rows.append(("  server side", f"{server['images_per_call']} images/call", f"mean ms: {stages}"))
+        slowest = run["latency_breakdown_ms"].get("slowest_1pct")
+        if slowest:
+            parts = " ".join(f"{k} {v:.1f}" for k, v in slowest.items() if k not in ("requests", "latency"))
+            rows.append(("  slowest 1%, per request", f"latency {slowest['latency']:.1f} ms", f"mean ms: {parts}"))
     lines = [f"model {report['model']['spec']} ({report['model']['path']}); {report['machine']['cpu']}, "
              f"{report['machine']['cpus']} CPUs, load {report['machine']['loadavg_at_start'][0]:.1f}; "
              + ", ".join(f"{k} {v}" for k, v in report["server_args"].items())]

@@ -26,11 +26,13 @@ class DistillConfig:
     cosine_decay: bool = False            # after warm-up, anneal the lr to 0 at `steps` (else constant)
     weight_decay: float = 0.0             # AdamW weight decay
     grad_clip: float = 0.1                # max global grad norm (Sana-Sprint / TBCM)
+    clip_logvar_apart: bool = False       # clip the log-variance head's gradient on its own, not with the student's
     tangent_warmup: int = 100             # r = min(1, step / tangent_warmup) (sCM §4.2)
     calm_down_start: int = 10**9          # step at which r starts moving to final_r (TBCM config: 15000)
     calm_down_steps: int = 2000           # length of that linear move
     final_r: float = 0.75                 # r after the calm-down
     tangent_norm_c: float = 0.1           # g <- g / (||g|| + c), per sample (sCM §4.2)
+    learn_logvar: bool = True             # learn the log-variance weighting (sCM eq. 14); off: logvar stays 0
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
     ema_decay: float = 0.99               # EMA of the exported student
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)

@@ -72,6 +72,7 @@ class Distiller:
         self.shards = RolloutShards(config.rollouts) if config.rollouts else None
         torch.manual_seed(config.seed)
         self.student = Student(student_from_teacher(self.teacher.transformer)).train()
+        self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
         self.ema = student_from_teacher(self.teacher.transformer).eval().requires_grad_(False)
         self.ema.load_state_dict(self.student.transformer.state_dict())
         maybe_install_kernels(self.student.transformer, config.use_kernels)
@@ -82,6 +83,13 @@ class Distiller:
             # side gradients and Adam's state is per parameter, it acts as two AdamWs
             optimizer.add_param_group({"params": list(self.discriminator.parameters()), "lr": config.ladd_lr})
         self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.clip_groups = [list(self.model.parameters())]
+        if config.clip_logvar_apart:  # the head's gradient (about 1 per pair, whatever the loss) stays out of the
+            # budget that grad_clip gives the transformer
+            named = list(self.model.named_parameters())
+            is_head = [name.removeprefix("module.").startswith("logvar.") for name, _ in named]
+            self.clip_groups = [[p for (_, p), head in zip(named, is_head) if not head],
+                                [p for (_, p), head in zip(named, is_head) if head]]
         self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
         rank = self.accelerator.process_index
@@ -139,8 +147,9 @@ class Distiller:
         self.accelerator.backward(loss)
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
             ladd_batch, fake = self._ladd_generator(pairs, stats)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        if torch.isfinite(grad_norm):
+        norms = [self.accelerator.clip_grad_norm_(group, config.grad_clip) for group in self.clip_groups]
+        grad_norm = norms[0]  # the student's (the whole model's unless clip_logvar_apart)
+        if all(torch.isfinite(norm) for norm in norms):
             self.optimizer.step()
             ema_update(self.ema, student.transformer, config.ema_decay)
         else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)

@@ -27,7 +27,7 @@ def parse_bool(text: str) -> bool:
 class ServiceConfig:
     model: str = "student"  # pipeline folder, shipped name (student, teacher) or BentoML model-store tag (name:version)
     sizes: str = ""  # allowed square image sizes in pixels, comma-separated; empty: the model's default size only
-    max_batch: int = 8  # most images in one generator call; requests with equal (steps, size) share a call
+    max_batch: int = 4  # most images in one generator call (equal (steps, size) share one); = microbatch: one pass
     microbatch: int = 4  # rows per transformer/VAE pass (calls are padded to a multiple: batch-independent images)
     max_queue: int = 64  # requests waiting for the generator; one more is answered 429 at once
     request_timeout_s: float = 10.0  # unanswered by then: 504; estimated to miss it: 503 up front

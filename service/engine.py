@@ -50,6 +50,7 @@ class Answer:
     model: LoadedModel
     batch: BatchResult
     encode_seconds: float
+    total_seconds: float       # from the handler's start to the encoded answer (Server-Timing "total")
 
 
 def encode_image(pixels, fmt: str, quality: int) -> bytes:
@@ -146,7 +147,7 @@ class Engine:
         encode_seconds = time.perf_counter() - started
         self.metrics.observe_stage("image_encoding", encode_seconds)
         self.metrics.images.inc(len(images))
-        return Answer(list(images), request.seeds, model, result, encode_seconds)
+        return Answer(list(images), request.seeds, model, result, encode_seconds, time.monotonic() - arrived)
 
     def close(self) -> None:
         self.batcher.close()

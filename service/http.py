@@ -67,8 +67,10 @@ async def wait_disconnect(request: Request) -> None:
 
 
 def timing_header(answer: Answer) -> str:
-    """Server-Timing: where a request's time went, in ms (stages of its generator call are for the whole call)."""
-    stages = {"queue": answer.batch.queue_wait, **answer.batch.timings, "encode": answer.encode_seconds}
+    """Server-Timing: where a request's time went, in ms (stages of its generator call are for the whole call;
+    total runs from the handler's start to the encoded answer, so a client's latency minus total is spent outside)."""
+    stages = {"queue": answer.batch.queue_wait, **answer.batch.timings, "encode": answer.encode_seconds,
+              "total": answer.total_seconds}
     return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in stages.items())
 
 

@@ -60,6 +60,11 @@ class LoadTestConfig:
             raise ValueError(f"body must be a JSON object, got {self.body!r}")
 
 
+# Every latency and schedule is read from this clock, never from the event loop's: uvloop's loop.time() has
+# millisecond resolution and is cached for a whole loop iteration.
+clock = time.perf_counter
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (q in 0-100)."""
     return sorted_values[max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))]
@@ -70,26 +75,27 @@ class Recorder:
 
     def __init__(self, config: LoadTestConfig):
         self.config = config
-        self.outcomes: list[tuple[float, str, float]] = []  # (start offset, status, latency seconds)
+        # (start offset, status, latency seconds, the answer's Server-Timing stages in seconds)
+        self.outcomes: list[tuple[float, str, float, dict]] = []
         self.in_flight = 0
         self.max_send_lag = 0.0  # open loop: how far behind schedule the client itself fell (its own limit)
 
     def begin(self) -> None:
         self.in_flight += 1
 
-    def finish(self, offset: float, status: str, latency: float) -> None:
+    def finish(self, offset: float, answer: tuple[str, dict], latency: float) -> None:
         self.in_flight -= 1
-        self.add(offset, status, latency)
+        self.add(offset, answer, latency)
 
-    def add(self, offset: float, status: str, latency: float) -> None:
-        self.outcomes.append((offset, status, latency))
+    def add(self, offset: float, answer: tuple[str, dict], latency: float) -> None:
+        self.outcomes.append((offset, answer[0], latency, answer[1]))
 
-    def measured(self) -> list[tuple[float, str, float]]:
+    def measured(self) -> list[tuple[float, str, float, dict]]:
         start, stop = self.config.warmup_s, self.config.warmup_s + self.config.duration_s
         return [o for o in self.outcomes if start <= o[0] < stop]
 
     def progress_line(self, elapsed: float) -> str:
-        ok = sorted(latency for _, status, latency in self.outcomes if status == "200")
+        ok = sorted(latency for _, status, latency, _ in self.outcomes if status == "200")
         tail = f" p50 {percentile(ok, 50) * 1000:.0f} ms p99 {percentile(ok, 99) * 1000:.0f} ms" if ok else ""
         phase = "warm-up" if elapsed < self.config.warmup_s else "measuring"
         return (f"\r{phase} {elapsed:5.1f}s answered {len(self.outcomes)} 200s {len(ok)} "
@@ -98,10 +104,10 @@ class Recorder:
     def report(self) -> dict:
         config, rows = self.config, self.measured()
         images_each = json.loads(config.body).get("n", 1)
-        ok = sorted(latency for _, status, latency in rows if status == "200")
+        ok = sorted(latency for _, status, latency, _ in rows if status == "200")
         good = sum(latency * 1000 <= config.slo_ms for latency in ok)
         counts: dict[str, int] = {}
-        for _, status, _ in rows:
+        for _, status, _, _ in rows:
             counts[status] = counts.get(status, 0) + 1
         latency = {f"p{q}": round(percentile(ok, q) * 1000, 2) for q in (50, 90, 95, 99)} if ok else {}
         if ok:
@@ -115,25 +121,57 @@ class Recorder:
                 "images_per_s": round(len(ok) * images_each / config.duration_s, 3),
                 "slo_ms": config.slo_ms, "goodput_rps": round(good / config.duration_s, 3),
                 "slo_met_fraction": round(good / len(rows), 4) if rows else 0.0,
-                "client_send_lag_ms_max": round(self.max_send_lag * 1000, 1)}
+                "client_send_lag_ms_max": round(self.max_send_lag * 1000, 1),
+                "latency_breakdown_ms": self.breakdown(rows, percentile(ok, 99) if ok else 0.0)}
+
+    @staticmethod
+    def breakdown(rows: list, p99: float) -> dict:
+        """Where the time of the 200s went, all of them and the slowest 1% (latency >= p99): the mean of each
+        Server-Timing stage, and `outside`: latency minus the server's total (client, network, HTTP server)."""
+        timed = [(latency, stages) for _, status, latency, stages in rows if status == "200" and "total" in stages]
+        groups = {"all": timed, "slowest_1pct": [row for row in timed if row[0] >= p99]}
+        out = {}
+        for name, group in groups.items():
+            if group:
+                stages = {key: sum(s.get(key, 0.0) for _, s in group) / len(group) for key in group[0][1]}
+                stages["outside"] = sum(latency - s["total"] for latency, s in group) / len(group)
+                stages["latency"] = sum(latency for latency, _ in group) / len(group)
+                out[name] = {"requests": len(group), **{k: round(v * 1000, 2) for k, v in stages.items()}}
+        return out
+
+
+def parse_server_timing(header: str) -> dict:
+    """'queue;dur=1.5, total;dur=40.2' -> {'queue': 0.0015, 'total': 0.0402} (seconds; entries without dur skipped)."""
+    stages = {}
+    for entry in header.split(","):
+        name, *params = [part.strip() for part in entry.split(";")]
+        for param in params:
+            key, _, value = param.partition("=")
+            if key == "dur" and name:
+                try:
+                    stages[name] = float(value) / 1000
+                except ValueError:
+                    pass
+    return stages
 
 
 class _Client:
-    """POSTs JSON bodies to one URL and answers the status as a string: the HTTP code, client_timeout when the
-    request took longer than the config's timeout_s, or error:<exception name> when the connection failed."""
+    """POSTs JSON bodies to one URL and answers (status, Server-Timing stages): the status is the HTTP code,
+    client_timeout when the request took longer than the config's timeout_s, or error:<exception name> when the
+    connection failed."""
 
     def __init__(self, session: aiohttp.ClientSession, target: URL):
         self.session, self.target = session, target
 
-    async def send(self, body: dict) -> str:
+    async def send(self, body: dict) -> tuple[str, dict]:
         try:
             async with self.session.post(self.target, json=body) as response:
                 await response.read()
-                return str(response.status)
+                return str(response.status), parse_server_timing(response.headers.get("Server-Timing", ""))
         except TimeoutError:  # aiohttp's timeouts (ServerTimeoutError too) are TimeoutErrors
-            return "client_timeout"
+            return "client_timeout", {}
         except aiohttp.ClientError as err:
-            return f"error:{type(err).__name__}"
+            return f"error:{type(err).__name__}", {}
 
 
 def _bodies(config: LoadTestConfig):
@@ -146,18 +184,18 @@ def _bodies(config: LoadTestConfig):
 
 
 async def _open_loop(client: _Client, config: LoadTestConfig, recorder: Recorder, t0: float) -> None:
-    loop, rng, bodies = asyncio.get_running_loop(), random.Random(config.seed), _bodies(config)
+    rng, bodies = random.Random(config.seed), _bodies(config)
     tasks, offset = set(), 0.0
 
     async def one(scheduled: float, body: dict) -> None:
-        status = await client.send(body)
-        recorder.finish(scheduled, status, loop.time() - (t0 + scheduled))
+        answer = await client.send(body)
+        recorder.finish(scheduled, answer, clock() - (t0 + scheduled))
 
     while offset < config.warmup_s + config.duration_s:
-        await asyncio.sleep(max(0.0, t0 + offset - loop.time()))
-        recorder.max_send_lag = max(recorder.max_send_lag, loop.time() - (t0 + offset))
+        await asyncio.sleep(max(0.0, t0 + offset - clock()))
+        recorder.max_send_lag = max(recorder.max_send_lag, clock() - (t0 + offset))
         if recorder.in_flight >= config.max_in_flight:
-            recorder.add(offset, "client_overflow", 0.0)
+            recorder.add(offset, ("client_overflow", {}), 0.0)
         else:
             recorder.begin()
             task = asyncio.ensure_future(one(offset, next(bodies)))
@@ -168,13 +206,13 @@ async def _open_loop(client: _Client, config: LoadTestConfig, recorder: Recorder
 
 
 async def _closed_loop(client: _Client, config: LoadTestConfig, recorder: Recorder, t0: float) -> None:
-    loop, bodies = asyncio.get_running_loop(), _bodies(config)
+    bodies = _bodies(config)
 
     async def worker() -> None:
-        while (sent := loop.time() - t0) < config.warmup_s + config.duration_s:
+        while (sent := clock() - t0) < config.warmup_s + config.duration_s:
             recorder.begin()
-            status = await client.send(next(bodies))
-            recorder.finish(sent, status, loop.time() - t0 - sent)
+            answer = await client.send(next(bodies))
+            recorder.finish(sent, answer, clock() - t0 - sent)
 
     await asyncio.gather(*(worker() for _ in range(config.concurrency)))
 
@@ -188,14 +226,13 @@ async def _run(url: str, config: LoadTestConfig) -> dict:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
         client = _Client(session, URL(url.rstrip("/") + config.endpoint))
-        loop = asyncio.get_running_loop()
-        t0 = loop.time() + 0.05
+        t0 = clock() + 0.05
         load = _open_loop if config.mode == "open" else _closed_loop
         task = asyncio.ensure_future(load(client, config, recorder, t0))
         while not task.done():
             await asyncio.wait({task}, timeout=1.0)
             if config.progress:
-                print(recorder.progress_line(loop.time() - t0), end="", file=sys.stderr, flush=True)
+                print(recorder.progress_line(clock() - t0), end="", file=sys.stderr, flush=True)
         task.result()
     if config.progress:
         print(file=sys.stderr)
@@ -208,9 +245,18 @@ def run_load(url: str, config: LoadTestConfig) -> dict:
     gc.collect()
     gc.freeze()
     try:
-        return asyncio.run(_run(url, config))
+        return event_loop_runner()(_run(url, config))
     finally:
         gc.unfreeze()
+
+
+def event_loop_runner():
+    """uvloop's runner where it is installed (less client CPU per request on a shared machine), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 def meets_slo(report: dict) -> bool:
@@ -258,6 +304,10 @@ def summary(report: dict) -> str:
         lines.append(f"{load}: {run['requests']} requests, {run['throughput_rps']:g} ok/s, goodput "
                      f"{run['goodput_rps']:g}/s (SLO {run['slo_ms']:g} ms), latency ms: {lat or 'none'}, "
                      f"status {run['status_counts']}{lag}")
+        slowest = run.get("latency_breakdown_ms", {}).get("slowest_1pct")
+        if slowest:
+            parts = ", ".join(f"{k} {v:g}" for k, v in slowest.items() if k != "requests")
+            lines.append(f"  slowest 1% ({slowest['requests']} requests), mean ms: {parts}")
     if report.get("sweep"):
         lines.append(f"highest rate meeting p99 <= {report['slo_ms']:g} ms: {report['best_rate']} req/s "
                      f"(first failing: {report['first_failing_rate']})")

@@ -39,6 +39,39 @@ def test_trainer_runs_and_moves_the_student(tiny_teacher_dir, tmp_path, pairs):
     assert (tmp_path / "checkpoint.safetensors").exists()
 
 
+def test_clip_logvar_apart_gives_the_head_and_the_transformer_each_the_clip(tiny_teacher_dir, tmp_path):
+    clipped = {}
+    for apart in (False, True):
+        config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / str(apart)), grad_clip=1e-3,
+                               clip_logvar_apart=apart, **TINY)
+        distiller = Distiller(config)
+        step = distiller.optimizer.step
+
+        def norms_then_step(*args, **kwargs):  # the gradients as the optimizer gets them, after clipping
+            grads = {name: p.grad for name, p in distiller.student.named_parameters() if p.grad is not None}
+            head = [g for name, g in grads.items() if name.startswith("logvar.")]
+            rest = [g for name, g in grads.items() if not name.startswith("logvar.")]
+            clipped[apart] = [float(torch.cat([g.flatten() for g in group]).norm()) for group in (rest, head)]
+            return step(*args, **kwargs)
+
+        distiller.optimizer.step = norms_then_step
+        distiller.train_step()
+    (rest_global, head_global), (rest_apart, head_apart) = clipped[False], clipped[True]
+    assert (rest_global**2 + head_global**2) ** 0.5 == pytest.approx(1e-3, rel=1e-3)
+    assert rest_apart == pytest.approx(1e-3, rel=1e-3) and head_apart == pytest.approx(1e-3, rel=1e-3)
+    assert rest_global < rest_apart
+
+
+def test_learn_logvar_off_keeps_the_weighting_at_zero(tiny_teacher_dir, tmp_path):
+    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), learn_logvar=False,
+                                        **TINY))
+    before = {k: v.clone() for k, v in distiller.student.transformer.state_dict().items()}
+    stats = distiller.train_step()
+    assert stats["logvar"] == 0.0
+    assert all(float(p.abs().max()) == 0.0 for p in distiller.student.logvar.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in distiller.student.transformer.state_dict().items())
+
+
 def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY)
     paths = write_rollouts(config, RolloutConfig(shards=2, prompts_per_shard=3, batch_size=2), tmp_path / "shards")

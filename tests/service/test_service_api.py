@@ -8,6 +8,9 @@ import threading
 import pytest
 from PIL import Image
 
+from service.config import ServiceConfig
+from service.loadtest import parse_server_timing
+
 PROMPT = "a small red circle in the middle"
 
 
@@ -25,7 +28,9 @@ def test_generate_png_with_seed_header(client):
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
     assert response.headers["x-seed"] == "7"
-    assert "transformer;dur=" in response.headers["server-timing"]
+    stages = parse_server_timing(response.headers["server-timing"])
+    assert {"queue", "transformer", "vae_decode", "encode", "total"} <= set(stages)
+    assert stages["total"] >= stages["queue"] + stages["transformer"] + stages["encode"]
     assert decode(response.content).size == (16, 16)
     again = client.post("/generate", json={"prompt": PROMPT, "seed": 7})
     assert again.content == response.content
@@ -125,7 +130,7 @@ def test_info_names_the_live_model(client, tiny_student_dir):
     info = client.get("/info").json()
     assert info["ready"] is True and info["model"]["path"] == str(tiny_student_dir)
     assert info["model"]["manifest"]["kind"] == "student" and info["model"]["max_steps"] == 4
-    assert info["config"]["max_batch"] == 8
+    assert info["config"]["max_batch"] == ServiceConfig().max_batch
 
 
 BAD_NATIVE = [

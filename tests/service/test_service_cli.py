@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from service.config import ServiceConfig
-from service.loadtest import LoadTestConfig, Recorder, percentile
+from service.loadtest import LoadTestConfig, Recorder, parse_server_timing, percentile
 
 
 def test_serve_fails_fast_naming_a_missing_model(tmp_path, capsys):
@@ -66,16 +66,26 @@ def test_percentile_is_nearest_rank():
 
 def test_report_counts_only_the_measured_window_and_goodput_against_the_slo():
     recorder = Recorder(LoadTestConfig(warmup_s=1, duration_s=2, slo_ms=100, body='{"n": 2}'))
-    recorder.add(0.5, "200", 5.0)                  # warm-up: excluded
+    recorder.add(0.5, ("200", {}), 5.0)                  # warm-up: excluded
     for i, latency in enumerate([0.05, 0.08, 0.2]):
-        recorder.add(1.0 + i * 0.5, "200", latency)
-    recorder.add(2.9, "429", 0.001)
-    recorder.add(3.0, "200", 0.01)                 # after the window: excluded
+        recorder.add(1.0 + i * 0.5, ("200", {"queue": latency / 2, "total": latency - 0.01}), latency)
+    recorder.add(2.9, ("429", {}), 0.001)
+    recorder.add(3.0, ("200", {}), 0.01)                 # after the window: excluded
     report = recorder.report()
     assert report["requests"] == 4 and report["status_counts"] == {"200": 3, "429": 1}
     assert report["latency_ms"]["max"] == 200.0 and report["latency_ms"]["p50"] == 80.0
     assert report["throughput_rps"] == 1.5 and report["images_per_s"] == 3.0
     assert report["goodput_rps"] == 1.0 and report["slo_met_fraction"] == 0.5
+    breakdown = report["latency_breakdown_ms"]
+    assert breakdown["all"] == {"requests": 3, "queue": 55.0, "total": 100.0, "outside": 10.0, "latency": 110.0}
+    assert breakdown["slowest_1pct"] == {"requests": 1, "queue": 100.0, "total": 190.0, "outside": 10.0,
+                                         "latency": 200.0}
+
+
+def test_server_timing_header_is_parsed_to_seconds():
+    stages = parse_server_timing("queue;dur=1.5, transformer;dur=30, total;desc=x;dur=40.25, cache, bad;dur=x")
+    assert stages == {"queue": 0.0015, "transformer": 0.03, "total": 0.04025}
+    assert parse_server_timing("") == {}
 
 
 def test_sweep_doubles_then_bisects_to_the_highest_rate_meeting_the_slo(monkeypatch):
