@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+SERVER_PACKAGES = ("uvicorn", "uvloop", "httptools", "aiohttp")  # uvicorn uses uvloop and httptools when present
+
+
 def machine() -> dict:
     import bentoml
     import diffusers
@@ -68,9 +71,6 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
             "bentoml": bentoml.__version__, **{name: installed_version(name) for name in SERVER_PACKAGES}}
-
-
-SERVER_PACKAGES = ("uvicorn", "uvloop", "httptools", "aiohttp")  # uvicorn uses uvloop and httptools when present
 
 
 def installed_version(name: str) -> str | None:

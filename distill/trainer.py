@@ -85,11 +85,10 @@ class Distiller:
         self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
         self.clip_groups = [list(self.model.parameters())]
         if config.clip_logvar_apart:  # the head's gradient (about 1 per pair, whatever the loss) stays out of the
-            # budget that grad_clip gives the transformer
-            named = list(self.model.named_parameters())
-            is_head = [name.removeprefix("module.").startswith("logvar.") for name, _ in named]
-            self.clip_groups = [[p for (_, p), head in zip(named, is_head) if not head],
-                                [p for (_, p), head in zip(named, is_head) if head]]
+            # budget that grad_clip gives the transformer: [transformer, head]
+            self.clip_groups = [[], []]
+            for name, param in self.model.named_parameters():
+                self.clip_groups[name.removeprefix("module.").startswith("logvar.")].append(param)
         self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
         rank = self.accelerator.process_index

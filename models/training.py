@@ -163,9 +163,11 @@ def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: t
 
 
 def check_resume_config(out: Path, config) -> None:
-    """Refuse to resume a run with a different config (that would not be a continuation)."""
+    """Refuse to resume a run with a different config (that would not be a continuation). A knob added since the
+    run was saved counts as its default, the value that run had."""
     _, meta = read_safetensors(Path(out) / CHECKPOINT)
-    saved, now = meta["config"], json.loads(json.dumps(dataclasses.asdict(config)))
+    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731 (tuples -> lists, as saved)
+    saved, now = {**as_json(type(config)()), **meta["config"]}, as_json(config)
     diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("steps", "out"))
     if diffs:
         raise ValueError(f"{Path(out) / CHECKPOINT}: config differs from the run being resumed in {diffs}")

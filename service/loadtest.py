@@ -83,12 +83,12 @@ class Recorder:
     def begin(self) -> None:
         self.in_flight += 1
 
-    def finish(self, offset: float, answer: tuple[str, dict], latency: float) -> None:
+    def finish(self, offset: float, status: str, latency: float, stages: dict) -> None:
         self.in_flight -= 1
-        self.add(offset, answer, latency)
+        self.add(offset, status, latency, stages)
 
-    def add(self, offset: float, answer: tuple[str, dict], latency: float) -> None:
-        self.outcomes.append((offset, answer[0], latency, answer[1]))
+    def add(self, offset: float, status: str, latency: float, stages: dict | None = None) -> None:
+        self.outcomes.append((offset, status, latency, stages or {}))
 
     def measured(self) -> list[tuple[float, str, float, dict]]:
         start, stop = self.config.warmup_s, self.config.warmup_s + self.config.duration_s
@@ -188,14 +188,14 @@ async def _open_loop(client: _Client, config: LoadTestConfig, recorder: Recorder
     tasks, offset = set(), 0.0
 
     async def one(scheduled: float, body: dict) -> None:
-        answer = await client.send(body)
-        recorder.finish(scheduled, answer, clock() - (t0 + scheduled))
+        status, stages = await client.send(body)
+        recorder.finish(scheduled, status, clock() - (t0 + scheduled), stages)
 
     while offset < config.warmup_s + config.duration_s:
         await asyncio.sleep(max(0.0, t0 + offset - clock()))
         recorder.max_send_lag = max(recorder.max_send_lag, clock() - (t0 + offset))
         if recorder.in_flight >= config.max_in_flight:
-            recorder.add(offset, ("client_overflow", {}), 0.0)
+            recorder.add(offset, "client_overflow", 0.0)
         else:
             recorder.begin()
             task = asyncio.ensure_future(one(offset, next(bodies)))
@@ -211,8 +211,8 @@ async def _closed_loop(client: _Client, config: LoadTestConfig, recorder: Record
     async def worker() -> None:
         while (sent := clock() - t0) < config.warmup_s + config.duration_s:
             recorder.begin()
-            answer = await client.send(next(bodies))
-            recorder.finish(sent, answer, clock() - t0 - sent)
+            status, stages = await client.send(next(bodies))
+            recorder.finish(sent, status, clock() - t0 - sent, stages)
 
     await asyncio.gather(*(worker() for _ in range(config.concurrency)))
 

@@ -193,6 +193,11 @@ def test_check_resume_config(tmp_path):
         check_resume_config(tmp_path, dataclasses.replace(config, lr=1e-3))
     with pytest.raises(ValueError, match=r"\['betas', 'width'\]"):
         check_resume_config(tmp_path, dataclasses.replace(config, width=16, betas=(0.9, 0.999)))
+    # a knob added after the run was saved counts as its default, the value the run had
+    newer = dataclasses.make_dataclass("Newer", [("added", bool, dataclasses.field(default=True))], bases=(LoopConfig,))
+    check_resume_config(tmp_path, newer())
+    with pytest.raises(ValueError, match=r"\['added'\]"):
+        check_resume_config(tmp_path, newer(added=False))
     # and train_loop refuses to resume with a changed config
     with pytest.raises(ValueError, match="seed"):
         train_loop(tmp_path, dataclasses.replace(config, seed=1), model, make_loss(model), resume=True)

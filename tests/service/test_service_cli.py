@@ -66,11 +66,11 @@ def test_percentile_is_nearest_rank():
 
 def test_report_counts_only_the_measured_window_and_goodput_against_the_slo():
     recorder = Recorder(LoadTestConfig(warmup_s=1, duration_s=2, slo_ms=100, body='{"n": 2}'))
-    recorder.add(0.5, ("200", {}), 5.0)                  # warm-up: excluded
+    recorder.add(0.5, "200", 5.0)                  # warm-up: excluded
     for i, latency in enumerate([0.05, 0.08, 0.2]):
-        recorder.add(1.0 + i * 0.5, ("200", {"queue": latency / 2, "total": latency - 0.01}), latency)
-    recorder.add(2.9, ("429", {}), 0.001)
-    recorder.add(3.0, ("200", {}), 0.01)                 # after the window: excluded
+        recorder.add(1.0 + i * 0.5, "200", latency, {"queue": latency / 2, "total": latency - 0.01})
+    recorder.add(2.9, "429", 0.001)
+    recorder.add(3.0, "200", 0.01)                 # after the window: excluded
     report = recorder.report()
     assert report["requests"] == 4 and report["status_counts"] == {"200": 3, "429": 1}
     assert report["latency_ms"]["max"] == 200.0 and report["latency_ms"]["p50"] == 80.0
