@@ -33,6 +33,8 @@ class DistillConfig:
     final_r: float = 0.75                 # r after the calm-down
     tangent_norm_c: float = 0.1           # g <- g / (||g|| + c), per sample (sCM §4.2)
     learn_logvar: bool = True             # learn the log-variance weighting (sCM eq. 14); off: logvar stays 0
+    logvar_min: float | None = None       # lower bound on the learned logvar, i.e. at most e^-min extra weight
+    prior_weight: str = "tan"             # per-pair prior: "tan" = 1/(sigma_d tan t) (sCM eq. 14), "uniform" = 1
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
     ema_decay: float = 0.99               # EMA of the exported student
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)

@@ -66,15 +66,26 @@ def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: flo
     return f_minus, g
 
 
-def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float = 0.1):
-    """Returns (loss, stats). Per element: e^{-logvar} / (sigma_d tan t) (F - F^- - g)^2 + logvar (sCM eq. 14).
+def prior_weight(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-pair prior weight: "tan" is 1/(sigma_d tan t) (sCM eq. 14); "uniform" weighs every time alike."""
+    if kind == "tan":
+        return 1.0 / (SIGMA_DATA * torch.tan(t.float()))
+    if kind == "uniform":
+        return torch.ones_like(t, dtype=torch.float32)
+    raise ValueError(f"prior_weight must be 'tan' or 'uniform', got {kind!r}")
+
+
+def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float = 0.1, prior: str = "tan",
+             logvar_min: float | None = None):
+    """Returns (loss, stats). Per element: e^{-logvar} w(t) (F - F^- - g)^2 + logvar (sCM eq. 14), with the prior
+    w(t) from `prior_weight` and logvar clamped from below at `logvar_min` when given.
 
     `student` may be wrapped by accelerate: through DDP or FSDP the gradients are reduced across ranks."""
     f_minus, g = consistency_tangent(student, pairs, r, norm_c)
     velocity, logvar = student(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states, pairs.mask,
                                pairs.guidance)
-    prior = 1.0 / (SIGMA_DATA * torch.tan(pairs.t.float()))
+    logvar = logvar.float() if logvar_min is None else logvar.float().clamp(min=logvar_min)
     per_pair = (velocity.float() - f_minus.float() - g.float()).square().flatten(1).mean(1)
-    weighted = prior * torch.exp(-logvar.float()) * per_pair + logvar.float()
+    weighted = prior_weight(pairs.t, prior) * torch.exp(-logvar) * per_pair + logvar
     loss = (weighted * pairs.weight).sum() / pairs.weight.sum().clamp(min=1.0)
     return loss, {"mse": float(per_pair.detach().mean()), "logvar": float(logvar.detach().mean())}

@@ -28,7 +28,7 @@ from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update,
 
 from .config import DistillConfig
 from .ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
-from .loss import scm_loss, tangent_r
+from .loss import prior_weight, scm_loss, tangent_r
 from .pairs import data_pairs, pairs_from_rollout, read_prompts, rollout
 from .rollout import RolloutShards
 from .student import Student, student_from_teacher
@@ -60,6 +60,7 @@ class Distiller:
     def __init__(self, config: DistillConfig, resume: bool = False):
         if config.pairs not in ("trajectory", "data"):
             raise ValueError(f"--pairs must be 'trajectory' or 'data', got {config.pairs!r}")
+        prior_weight(torch.ones(1), config.prior_weight)  # a wrong --prior-weight is named before any rollout
         if config.pairs == "data" and config.prompts != "world":
             raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
         self.config, self.out = config, Path(config.out)
@@ -141,7 +142,7 @@ class Distiller:
         student = self.accelerator.unwrap_model(self.model)
         self.optimizer.param_groups[0]["lr"] = learning_rate(config, self.step + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
-            loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c)
+            loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c, config.prior_weight, config.logvar_min)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distill.loss import Pairs, consistency_tangent, scm_loss, tangent_r
+from distill.loss import Pairs, consistency_tangent, prior_weight, scm_loss, tangent_r
 from distill.student import Student, student_from_teacher
 from models.tiny import tiny_transformer
 from models.trigflow import SIGMA_DATA
@@ -59,14 +59,23 @@ def test_tangent_matches_finite_differences(student64, r):
         assert (g - consistency_tangent(student64, pairs, 0.0, 0.1)[1]).abs().max() > 100 * 2e-4
 
 
-def test_loss_matches_its_formula(student64):
+@pytest.mark.parametrize("prior, logvar_min", [("tan", None), ("uniform", None), ("tan", 0.0)])
+def test_loss_matches_its_formula(student64, prior, logvar_min):
     pairs = make_pairs()
-    loss, _ = scm_loss(student64, pairs, r=1.0, norm_c=0.1)
+    loss, _ = scm_loss(student64, pairs, r=1.0, norm_c=0.1, prior=prior, logvar_min=logvar_min)
     f_minus, g = reference_tangent(student64, pairs, 1.0, 0.1)
     velocity, logvar = student64(pairs.x_t / SIGMA_DATA, pairs.t, pairs.states, pairs.mask, pairs.guidance)
-    prior = 1 / (SIGMA_DATA * torch.tan(pairs.t))
-    expected = (prior * torch.exp(-logvar) * (velocity - f_minus - g).square().flatten(1).mean(1) + logvar).mean()
+    weight = 1 / (SIGMA_DATA * torch.tan(pairs.t)) if prior == "tan" else torch.ones_like(pairs.t)
+    if logvar_min is not None:
+        assert (logvar < logvar_min).any()  # the bound is active on at least one pair, so it is tested
+        logvar = torch.maximum(logvar, torch.tensor(logvar_min, dtype=logvar.dtype))
+    expected = (weight * torch.exp(-logvar) * (velocity - f_minus - g).square().flatten(1).mean(1) + logvar).mean()
     torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_prior_weight_is_named():
+    with pytest.raises(ValueError, match="prior_weight must be 'tan' or 'uniform'"):
+        prior_weight(torch.ones(2), "edm")
 
 
 def test_loss_weight_zero_drops_pairs(student64):
