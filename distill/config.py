@@ -19,6 +19,7 @@ class DistillConfig:
     points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1
     time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
+    guidance_embeds_scale: float = 0.1    # the student's guidance embedder reads this x the CFG scale (Sprint: 0.1)
     p_mean: float = -0.8                  # log-normal TrigFlow proposal tan t = e^tau / sigma_d, tau ~ N(p_mean,
     p_std: float = 1.6                    #   p_std^2): data pairs and --time-sampling lognormal (sCM App. G)
     lr: float = 1e-4                      # AdamW learning rate (after warm-up)

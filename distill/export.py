@@ -56,6 +56,6 @@ def load_student_checkpoint(run: Path):
     tensors, meta = read_safetensors(Path(run) / CHECKPOINT)
     config = DistillConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
     teacher = load_pipeline(config.teacher)
-    transformer = student_from_teacher(teacher.transformer).eval()
+    transformer = student_from_teacher(teacher.transformer, config.guidance_embeds_scale).eval()
     transformer.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
     return student_pipeline(teacher, transformer), teacher, config, meta["step"], meta["extra"]["counters"]

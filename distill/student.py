@@ -18,11 +18,13 @@ TEACHER_TIME_PREFIX = "time_embed.emb.timestep_embedder."  # AdaLayerNormSingle 
 STUDENT_TIME_PREFIX = "time_embed.timestep_embedder."      # SanaCombinedTimestepGuidanceEmbeddings (student)
 
 
-def student_from_teacher(teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
-    """Same architecture plus the guidance embedder; every teacher weight copied, the new branch zero at init."""
+def student_from_teacher(teacher: SanaTransformer2DModel, guidance_scale: float = 0.1) -> SanaTransformer2DModel:
+    """Same architecture plus the guidance embedder, which reads guidance_scale x w; every teacher weight copied,
+    the new branch zero at init."""
     if teacher.config.guidance_embeds:
         raise ValueError("the teacher already has a guidance embedding; distil from a CFG teacher")
-    student = SanaTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True})
+    student = SanaTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True,
+                                                  "guidance_embeds_scale": guidance_scale})
     weights = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
     missing, unexpected = student.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):

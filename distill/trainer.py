@@ -72,9 +72,10 @@ class Distiller:
         self.prompts = read_prompts(config.prompts, config.seed)
         self.shards = RolloutShards(config.rollouts) if config.rollouts else None
         torch.manual_seed(config.seed)
-        self.student = Student(student_from_teacher(self.teacher.transformer)).train()
+        self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
         self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
-        self.ema = student_from_teacher(self.teacher.transformer).eval().requires_grad_(False)
+        self.ema = student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale).eval()
+        self.ema.requires_grad_(False)
         self.ema.load_state_dict(self.student.transformer.state_dict())
         maybe_install_kernels(self.student.transformer, config.use_kernels)
         optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)

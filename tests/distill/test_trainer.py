@@ -110,8 +110,11 @@ def test_sigkill_and_resume_reaches_the_same_losses(tiny_teacher_dir, tmp_path):
 def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_teacher_dir, tmp_path):
     from diffusers import SanaSprintPipeline
 
-    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY))
+    distiller = Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"),
+                                        guidance_embeds_scale=1.0, **TINY))
     distiller.train()
+    torch.manual_seed(0)  # a guidance branch that matters, so both pipelines must embed w at the exported scale
+    torch.nn.init.normal_(distiller.ema.time_embed.guidance_embedder.linear_2.weight, std=0.5)
     distiller.teacher.info |= {"made_by": "make world", "teacher_run": {"step": 3}}  # as a shipped teacher has
     folder = export_student(distiller.pipeline(), distiller.teacher, distiller.config, tmp_path / "student",
                             distiller.step, distiller.counters)
@@ -124,6 +127,7 @@ def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_tea
     size = 32  # SanaSprintPipeline needs multiples of 32 pixels: 8x8 latents with the tiny f4 VAE
     ours = Generator(load_pipeline(folder)).generate([prompt], [seed], steps=1, guidance=4.5, size=size).images[0]
     sprint = SanaSprintPipeline.from_pretrained(folder)
+    assert sprint.transformer.config.guidance_embeds_scale == 1.0
     noise, _ = seeded_noise([seed], (4, 8, 8))
     theirs = sprint(prompt, num_inference_steps=1, intermediate_timesteps=None, guidance_scale=4.5, latents=noise,
                     height=size, width=size, use_resolution_binning=False, max_sequence_length=16,
