@@ -14,11 +14,14 @@ from torch import nn
 from models.sampling import flow_model
 from models.trigflow import trigflow_from_flow
 
+from .config import DistillConfig
+
 TEACHER_TIME_PREFIX = "time_embed.emb.timestep_embedder."  # AdaLayerNormSingle (teacher)
 STUDENT_TIME_PREFIX = "time_embed.timestep_embedder."      # SanaCombinedTimestepGuidanceEmbeddings (student)
 
 
-def student_from_teacher(teacher: SanaTransformer2DModel, guidance_scale: float = 0.1) -> SanaTransformer2DModel:
+def student_from_teacher(teacher: SanaTransformer2DModel,
+                         guidance_scale: float = DistillConfig.guidance_embeds_scale) -> SanaTransformer2DModel:
     """Same architecture plus the guidance embedder, which reads guidance_scale x w; every teacher weight copied,
     the new branch zero at init."""
     if teacher.config.guidance_embeds:

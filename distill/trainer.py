@@ -61,6 +61,8 @@ class Distiller:
         if config.pairs not in ("trajectory", "data"):
             raise ValueError(f"--pairs must be 'trajectory' or 'data', got {config.pairs!r}")
         prior_weight(torch.ones(1), config.prior_weight)  # a wrong --prior-weight is named before any rollout
+        if config.logvar_min is not None and not config.learn_logvar:
+            raise ValueError("--logvar-min bounds the learned weighting: drop it or drop --no-learn-logvar")
         if config.pairs == "data" and config.prompts != "world":
             raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
         self.config, self.out = config, Path(config.out)

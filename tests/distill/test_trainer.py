@@ -72,6 +72,12 @@ def test_learn_logvar_off_keeps_the_weighting_at_zero(tiny_teacher_dir, tmp_path
     assert any(not torch.equal(v, before[k]) for k, v in distiller.student.transformer.state_dict().items())
 
 
+def test_logvar_min_without_a_learned_weighting_is_refused(tiny_teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="--logvar-min bounds the learned weighting"):
+        Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), learn_logvar=False, logvar_min=-2.0,
+                                **TINY))
+
+
 def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY)
     paths = write_rollouts(config, RolloutConfig(shards=2, prompts_per_shard=3, batch_size=2), tmp_path / "shards")
