@@ -47,8 +47,8 @@ world: install
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
 student: install
 	$(BIN)/tbcm distill --teacher weights/teacher --prompts world --pairs trajectory --seed $(SEED) \
-		--steps 1400 --points-per-trajectory 4 --no-learn-logvar --prior-weight uniform --cosine-decay \
-		--calm-down-start 800 --calm-down-steps 300 \
+		--steps 1400 --points-per-trajectory 2 --renoised-per-trajectory 2 --no-learn-logvar --prior-weight uniform \
+		--cosine-decay --calm-down-start 800 --calm-down-steps 300 \
 		--out runs/student --export weights/student --export-eval-n 512
 
 gpu-check: install

@@ -17,6 +17,8 @@ class DistillConfig:
     prompts_per_step: int = 8             # prompts per step per rank (TBCM) / images are prompts x points (data)
     route_points: int = 16                # K, points of the reference route (teacher NFE = 2K per prompt)
     points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1
+    renoised_per_trajectory: int = 0      # extra pairs per prompt off the trajectory: its endpoint re-noised at a
+                                          #   log-normal t, with a fresh teacher CFG velocity (1 CFG call each)
     time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
     guidance_embeds_scale: float = 0.1    # the student's guidance embedder reads this x the CFG scale (Sprint: 0.1)

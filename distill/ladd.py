@@ -106,9 +106,10 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def one_per_prompt(pairs: Pairs, points: int) -> Pairs:
-    """Every `points`-th pair: one (random) state per prompt, so the branch costs a batch of prompts, not pairs."""
-    keep = torch.arange(0, len(pairs.t), points)
+def one_per_prompt(pairs: Pairs, points: int, prompts: int) -> Pairs:
+    """Every `points`-th of the first prompts x points pairs (the trajectory's; re-noised ones follow): one random
+    state per prompt, so the branch costs a batch of prompts, not pairs."""
+    keep = torch.arange(0, prompts * points, points)
     return Pairs(*(field[keep] for field in vars(pairs).values()))
 
 

@@ -7,6 +7,7 @@ log-normal time, and ask the teacher for its CFG velocity there.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -95,19 +96,40 @@ def pairs_from_rollout(roll: Rollout, states, mask, config: DistillConfig) -> tu
 
 
 @torch.no_grad()
-def data_pairs(teacher: Pipeline, scenes: list[world.Scene], states, mask, null_states, null_mask,
-               config: DistillConfig) -> Pairs:
-    """Sana-Sprint-style pairs: x0 from the VAE encoder, x_t = cos t x0 + sin t z at a log-normal t, and the
-    teacher's CFG velocity at (x_t, t) (one teacher call with CFG per pair)."""
-    images = torch.from_numpy(world.to_tensor_array([world.render(s, teacher.default_size) for s in scenes]))
-    x0 = teacher.latents_to_trig(teacher.vae.encode(images.to(teacher.vae.dtype)).latent.float())
-    n = len(scenes)
-    t = lognormal_times(n, config.p_mean, config.p_std).clamp(min=1e-3, max=T_MAX - 1e-4)
+def noised_pairs(teacher: Pipeline, x0, states, mask, null_states, null_mask, guidance, weight,
+                 config: DistillConfig) -> Pairs:
+    """sCM's pairs: x_t = cos t x0 + sin t z at a log-normal t, and the teacher's CFG velocity at (x_t, t)
+    (one teacher call with CFG per pair)."""
+    t = lognormal_times(len(x0), config.p_mean, config.p_std).clamp(min=1e-3, max=T_MAX - 1e-4)
     x_t = renoise(x0, SIGMA_DATA * torch.randn_like(x0), t)
-    guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(n)], dtype=torch.float32)
     flow = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance)
     velocity = SIGMA_DATA * trigflow_from_flow(flow, x_t / SIGMA_DATA, t)
-    return Pairs(x_t, t, velocity, states, mask, guidance, torch.ones(n), x0)
+    return Pairs(x_t, t, velocity, states, mask, guidance, weight, x0)
+
+
+@torch.no_grad()
+def data_pairs(teacher: Pipeline, scenes: list[world.Scene], states, mask, null_states, null_mask,
+               config: DistillConfig) -> Pairs:
+    """Sana-Sprint-style pairs: x0 from the VAE encoder, noised at a log-normal t (`noised_pairs`)."""
+    images = torch.from_numpy(world.to_tensor_array([world.render(s, teacher.default_size) for s in scenes]))
+    x0 = teacher.latents_to_trig(teacher.vae.encode(images.to(teacher.vae.dtype)).latent.float())
+    guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(len(scenes))], dtype=torch.float32)
+    return noised_pairs(teacher, x0, states, mask, null_states, null_mask, guidance, torch.ones(len(scenes)), config)
+
+
+@torch.no_grad()
+def renoised_endpoint_pairs(teacher: Pipeline, roll: Rollout, weight, states, mask, null_states, null_mask,
+                            config: DistillConfig) -> Pairs:
+    """Still image-free: each rollout endpoint stands in for an image and is noised `renoised_per_trajectory`
+    times at log-normal times with fresh noise, states off the trajectory (what multistep sampling visits)."""
+    m = config.renoised_per_trajectory
+    repeat = lambda x: x.repeat_interleave(m, 0)  # noqa: E731
+    return noised_pairs(teacher, repeat(roll.endpoints), repeat(states), repeat(mask), repeat(null_states),
+                        repeat(null_mask), repeat(roll.guidance), repeat(weight), config)
+
+
+def concat_pairs(a: Pairs, b: Pairs) -> Pairs:
+    return Pairs(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in dataclasses.fields(Pairs)))
 
 
 def world_prompts(count: int, seed: int) -> list[str]:

@@ -29,7 +29,7 @@ from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update,
 from .config import DistillConfig
 from .ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
 from .loss import prior_weight, scm_loss, tangent_r
-from .pairs import data_pairs, pairs_from_rollout, read_prompts, rollout
+from .pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout
 from .rollout import RolloutShards
 from .student import Student, student_from_teacher
 
@@ -65,6 +65,9 @@ class Distiller:
             raise ValueError("--logvar-min bounds the learned weighting: drop it or drop --no-learn-logvar")
         if config.pairs == "data" and config.prompts != "world":
             raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
+        if config.renoised_per_trajectory < 0 or (config.renoised_per_trajectory and config.pairs == "data"):
+            raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
+                             f"trajectory endpoints), got {config.renoised_per_trajectory}")
         self.config, self.out = config, Path(config.out)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
         if config.ladd and self.accelerator.distributed_type == DistributedType.FSDP:
@@ -129,12 +132,16 @@ class Distiller:
             return data_pairs(self.teacher, scenes, *cond, config), 0
         if self.shards is not None:
             roll, prompts = self.shards.sample(config.prompts_per_step)
-            states, mask, _, _ = self._conditioning(prompts)
+            cond = self._conditioning(prompts)
         else:
             prompts = [random.choice(self.prompts) for _ in range(config.prompts_per_step)]
-            states, mask, null_states, null_mask = self._conditioning(prompts)
-            roll = rollout(self.teacher, states, mask, null_states, null_mask, config)
-        return pairs_from_rollout(roll, states, mask, config)
+            cond = self._conditioning(prompts)
+            roll = rollout(self.teacher, *cond, config)
+        pairs, dropped = pairs_from_rollout(roll, *cond[:2], config)
+        if config.renoised_per_trajectory:
+            prompt_weight = pairs.weight[::config.points_per_trajectory]
+            pairs = concat_pairs(pairs, renoised_endpoint_pairs(self.teacher, roll, prompt_weight, *cond, config))
+        return pairs, dropped
 
     def train_step(self) -> dict:
         config = self.config
@@ -170,7 +177,7 @@ class Distiller:
     def _ladd_generator(self, pairs, stats: dict):
         """Backpropagates ladd_weight L_G into the student (one forward per backward, as DDP wants) on one pair
         per prompt; returns that batch and its detached fakes x̂0 for the discriminator step."""
-        batch = one_per_prompt(pairs, self.config.points_per_trajectory)
+        batch = one_per_prompt(pairs, self.config.points_per_trajectory, self.config.prompts_per_step)
         with self.accelerator.autocast():
             g_loss, fake = generator_loss(self.discriminator, self.teacher.transformer, self.model, batch,
                                           self.config)

@@ -1,11 +1,13 @@
-"""TBCM pairs: route and jitter, rollout shapes, velocity reuse, the degenerate filter; data-sCM pairs."""
+"""TBCM pairs: route and jitter, rollout shapes, velocity reuse, the degenerate filter, re-noised endpoints;
+data-sCM pairs."""
 import math
 
 import pytest
 import torch
 
 from distill.config import DistillConfig
-from distill.pairs import data_pairs, degenerate_weight, pairs_from_rollout, rollout, trajectory_times
+from distill.pairs import (data_pairs, degenerate_weight, pairs_from_rollout, renoised_endpoint_pairs, rollout,
+                          trajectory_times)
 from models import world
 from models.pipeline import load_pipeline
 from models.sampling import cfg_flow_model
@@ -99,3 +101,26 @@ def test_data_pairs_noise_real_latents(teacher):
     pairs = data_pairs(teacher, scenes, *cond, DistillConfig())
     assert pairs.x_t.shape == (4, 4, 4, 4) and pairs.velocity.shape == (4, 4, 4, 4)
     assert torch.all((pairs.t > 0) & (pairs.t < math.pi / 2)) and torch.all(pairs.weight == 1)
+
+
+def test_renoised_endpoints_lie_off_the_trajectory_with_the_teachers_velocity_there(teacher):
+    torch.manual_seed(0)
+    config = DistillConfig(route_points=4, renoised_per_trajectory=3)
+    cond = conditioning(teacher, ["a red circle on the left", "a cross"])
+    roll = rollout(teacher, *cond, config)
+    weight = torch.tensor([1.0, 0.0])
+    pairs = renoised_endpoint_pairs(teacher, roll, weight, *cond, config)
+    assert len(pairs.t) == 6 and torch.all((pairs.t > 0) & (pairs.t < math.pi / 2))
+    assert pairs.weight.tolist() == [1.0] * 3 + [0.0] * 3  # the degenerate filter's verdict follows the prompt
+    assert torch.equal(pairs.guidance, roll.guidance.repeat_interleave(3))
+    assert torch.equal(pairs.x0[4], roll.endpoints[1])
+    # x_t = cos t x0 + sin t z with z ~ N(0, sigma_d^2): the implied noise is not the trajectory's own
+    tc = pairs.t.view(-1, 1, 1, 1)
+    implied = (pairs.x_t - torch.cos(tc) * pairs.x0) / torch.sin(tc)
+    assert implied.std() == pytest.approx(SIGMA_DATA, rel=0.25)
+    assert not torch.allclose(implied[0], implied[1])
+    # the velocity is the teacher's CFG velocity at the new state, with the prompt's own guidance
+    flow = cfg_flow_model(teacher.transformer, *(c.repeat_interleave(3, 0) for c in cond), pairs.guidance)
+    with torch.no_grad():
+        expected = SIGMA_DATA * trigflow_from_flow(flow, pairs.x_t / SIGMA_DATA, pairs.t)
+    torch.testing.assert_close(pairs.velocity, expected, atol=1e-5, rtol=1e-5)

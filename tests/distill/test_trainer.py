@@ -78,6 +78,18 @@ def test_logvar_min_without_a_learned_weighting_is_refused(tiny_teacher_dir, tmp
                                 **TINY))
 
 
+def test_renoised_endpoints_join_the_trajectory_pairs(tiny_teacher_dir, tmp_path):
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"),
+                           **{**TINY, "points_per_trajectory": 2}, renoised_per_trajectory=3)
+    distiller = Distiller(config)
+    pairs, _ = distiller.make_pairs()
+    assert len(pairs.t) == 2 * (2 + 3)
+    distiller.train()
+    assert len(losses(tmp_path / "run")) == 3
+    with pytest.raises(ValueError, match="--renoised-per-trajectory"):
+        Distiller(DistillConfig(**{**config.__dict__, "pairs": "data", "out": str(tmp_path / "data")}))
+
+
 def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY)
     paths = write_rollouts(config, RolloutConfig(shards=2, prompts_per_shard=3, batch_size=2), tmp_path / "shards")
