@@ -3,7 +3,8 @@
 TBCM (distill-spec §5): roll the frozen teacher out with CFG from noise at pi/2 through K times drawn around a
 reference route, keep the K-1 non-noise states with their times, and reuse the velocity computed during the
 rollout as dx/dt. No images, no VAE encoder. Data sCM (Sana-Sprint): VAE-encode real images, noise them at a
-log-normal time, and ask the teacher for its CFG velocity there.
+log-normal time, and ask the teacher for its CFG velocity there. Between the two, still image-free: a rollout's
+endpoint noised the way data sCM noises an image (`--renoised-per-trajectory`).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def renoised_endpoint_pairs(teacher: Pipeline, roll: Rollout, weight, states, ma
 
 
 def concat_pairs(a: Pairs, b: Pairs) -> Pairs:
+    """One batch of a's pairs followed by b's."""
     return Pairs(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in dataclasses.fields(Pairs)))
 
 
