@@ -123,10 +123,9 @@ def renoised_endpoint_pairs(teacher: Pipeline, roll: Rollout, weight, states, ma
                             config: DistillConfig) -> Pairs:
     """Still image-free: each rollout endpoint stands in for an image and is noised `renoised_per_trajectory`
     times at log-normal times with fresh noise, states off the trajectory (what multistep sampling visits)."""
-    m = config.renoised_per_trajectory
-    repeat = lambda x: x.repeat_interleave(m, 0)  # noqa: E731
-    return noised_pairs(teacher, repeat(roll.endpoints), repeat(states), repeat(mask), repeat(null_states),
-                        repeat(null_mask), repeat(roll.guidance), repeat(weight), config)
+    per_prompt = (roll.endpoints, states, mask, null_states, null_mask, roll.guidance, weight)
+    return noised_pairs(teacher, *(x.repeat_interleave(config.renoised_per_trajectory, 0) for x in per_prompt),
+                        config)
 
 
 def concat_pairs(a: Pairs, b: Pairs) -> Pairs:

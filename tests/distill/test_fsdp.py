@@ -63,6 +63,7 @@ def sharded_rank(rank: int, port: int, out: str) -> None:
         loss, grads, ema = step(student)  # both ranks see the same pairs: the averaged gradient is the same
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "ema": ema}, out)
+        dist.barrier()  # neither rank tears gloo down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,7 @@ import torch
 
 from distill.config import DistillConfig
 from distill.ladd import (Discriminator, default_blocks, generator_loss, hinge_d_loss, hinge_g_loss, max_time,
-                          teacher_features)
+                          one_per_prompt, teacher_features)
 from distill.loss import Pairs
 from distill.student import Student, student_from_teacher
 from distill.trainer import Distiller
@@ -90,6 +90,14 @@ def test_max_time_weighting():
     torch.manual_seed(0)
     _, half = max_time(torch.zeros(4000, 1, 1, 1), torch.zeros(4000), 0.5)
     assert 0.45 < (half == math.pi / 2).float().mean() < 0.55
+
+
+def test_one_per_prompt_takes_trajectory_pairs_only():
+    # 3 prompts x 2 trajectory pairs, then 3 x 2 re-noised endpoints: one trajectory pair per prompt
+    n = 12
+    pairs = Pairs(torch.zeros(n, 1, 1, 1), torch.arange(n).float(), torch.zeros(n, 1, 1, 1), torch.zeros(n, 1, 1),
+                  torch.ones(n, 1), torch.ones(n), torch.ones(n), torch.zeros(n, 1, 1, 1))
+    assert one_per_prompt(pairs, points=2, prompts=3).t.tolist() == [0.0, 2.0, 4.0]
 
 
 @pytest.mark.parametrize("pairs", ["trajectory", "data"])
