@@ -1,6 +1,8 @@
 """FD (and accuracy) against training wall-clock time, from the eval_curve.jsonl of distill runs.
 
     python benchmarks/plot_fd_curves.py runs/student runs/scm-data --out docs/fd_vs_time.png
+
+A run that trained on a rollout bank is shifted right by the bank's wall time: --offset runs/tbcm=121.8.
 """
 from __future__ import annotations
 
@@ -25,17 +27,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", default="docs/fd_vs_time.png")
+    parser.add_argument("--offset", action="append", default=[], metavar="RUN=SECONDS",
+                        help="time spent before training that counts against RUN (a `tbcm rollout` bank)")
     args = parser.parse_args()
+    offsets = {}
+    for item in args.offset:
+        run, _, seconds = item.rpartition("=")
+        if Path(run) not in args.runs:
+            raise SystemExit(f"--offset {item}: {run!r} is not one of the runs")
+        offsets[Path(run)] = float(seconds)
     fig, (ax_fd, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     summary = {}
     for run in args.runs:
         curve = read_curve(run)
         method = json.loads((run / "config.json").read_text())["pairs"]
         label = f"{'TBCM' if method == 'trajectory' else 'data sCM'} ({run.name})"
-        minutes = [p["train_time_s"] / 60 for p in curve]
+        offset = offsets.get(run, 0.0)
+        label += f", incl. {offset:.0f} s bank" if offset else ""
+        minutes = [(offset + p["train_time_s"]) / 60 for p in curve]
         ax_fd.plot(minutes, [p["fd"] for p in curve], marker="o", label=label)
         ax_acc.plot(minutes, [p["accuracy"] for p in curve], marker="o", label=label)
-        summary[str(run)] = curve
+        summary[str(run)] = [{**p, "bank_s": offset} for p in curve] if offset else curve
     ax_fd.set(xlabel="training time (min)", ylabel="FD, 1 step (lower is better)", yscale="log")
     ax_acc.set(xlabel="training time (min)", ylabel="all-attribute accuracy, 1 step")
     for ax in (ax_fd, ax_acc):

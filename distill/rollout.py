@@ -59,13 +59,20 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
 
 
 class RolloutShards:
-    """Random access to precomputed rollouts: `sample(n)` draws n stored trajectories (Python's RNG)."""
+    """Random access to precomputed rollouts: `sample(n)` draws n stored trajectories (Python's RNG). Every shard
+    must have been rolled out with the run's route (`route_points`, `time_sampling`), which its config records."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, config: DistillConfig):
         paths = sorted(Path(folder).glob(SHARD_GLOB))
         if not paths:
             raise FileNotFoundError(f"--rollouts {folder}: no {SHARD_GLOB} files (make them with `tbcm rollout`)")
         loaded = [read_safetensors(p) for p in paths]
+        for path, (_, meta) in zip(paths, loaded):
+            for knob in ("route_points", "time_sampling"):
+                if meta.get(knob) != getattr(config, knob):
+                    raise ValueError(f"--rollouts {path}: rolled out with {knob} = {meta.get(knob)!r}, but this run "
+                                     f"has --{knob.replace('_', '-')} {getattr(config, knob)!r}; pass the shards' "
+                                     "value or re-run `tbcm rollout`")
         self.tensors = {name: torch.cat([t[name] for t, _ in loaded]) for name in loaded[0][0]}
         self.prompts = [p for _, meta in loaded for p in meta["prompts"]]
 

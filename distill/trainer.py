@@ -75,7 +75,7 @@ class Distiller:
                              "and the LADD heads would be a second")
         self.teacher = load_teacher(config, self.accelerator.device)
         self.prompts = read_prompts(config.prompts, config.seed)
-        self.shards = RolloutShards(config.rollouts) if config.rollouts else None
+        self.shards = RolloutShards(config.rollouts, config) if config.rollouts else None
         torch.manual_seed(config.seed)
         self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
         self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0

@@ -97,6 +97,9 @@ def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     distiller = Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards")}))
     distiller.train()
     assert len(losses(tmp_path / "run")) == 3
+    with pytest.raises(ValueError, match="rollouts-00000.safetensors: rolled out with route_points = 4"):
+        Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"), "route_points": 8,
+                                   "out": str(tmp_path / "other")}))
 
 
 def run_cli(args, **kwargs):

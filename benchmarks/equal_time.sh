@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Table 2, equal wall-clock time: TBCM against data-sCM, each with BUDGET seconds (default 900) and the shipped
+# student's options. TBCM first rolls a bank of teacher trajectories out (`tbcm rollout`, 8 route points: the
+# teacher saturates at 8 steps) and trains on it; the bank's wall time counts against TBCM's budget.
+# Run it alone on an idle machine: the budget is wall time. Usage: benchmarks/equal_time.sh [BUDGET] [OUT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET="${1:-900}"
+OUT="${2:-runs/equal-time}"
+TBCM=".venv/bin/tbcm"
+RECIPE=(--teacher weights/teacher --prompts world --seed 0 --steps 1400 --no-learn-logvar --prior-weight uniform
+        --cosine-decay --calm-down-start 800 --calm-down-steps 300 --eval-every 50 --export-eval-n 0)
+mkdir -p "$OUT"
+
+start=$(date +%s.%N)
+"$TBCM" rollout --teacher weights/teacher --prompts world --seed 0 --route-points 8 --shards 8 \
+    --prompts-per-shard 256 --batch-size 32 --out "$OUT/bank"
+end=$(date +%s.%N)
+train_budget=$(python3 -c "print(round($BUDGET - ($end - $start), 1))")
+echo "bank: 2048 rollouts in $(python3 -c "print(round($end - $start, 1))") s; TBCM trains for $train_budget s" \
+    | tee "$OUT/bank-timing.txt"
+"$TBCM" distill "${RECIPE[@]}" --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
+    --route-points 8 --rollouts "$OUT/bank" --time-budget-s "$train_budget" --out "$OUT/tbcm" --export "$OUT/tbcm/export"
+"$TBCM" distill "${RECIPE[@]}" --pairs data --points-per-trajectory 4 --time-budget-s "$BUDGET" \
+    --out "$OUT/data" --export "$OUT/data/export"
+
+for run in tbcm data; do
+    .venv/bin/python benchmarks/bench_quality.py --n 512 --json "$OUT/quality-$run.json" --model "$OUT/$run/export:1,2,4"
+done
+bank_s=$(python3 -c "print(round($end - $start, 1))")
+.venv/bin/python benchmarks/plot_fd_curves.py "$OUT/tbcm" "$OUT/data" --offset "$OUT/tbcm=$bank_s" --out "$OUT/fd_vs_time.png"
