@@ -12,13 +12,14 @@ RECIPE=(--teacher weights/teacher --prompts world --seed 0 --steps 1400 --no-lea
         --cosine-decay --calm-down-start 800 --calm-down-steps 300 --eval-every 50 --export-eval-n 0)
 mkdir -p "$OUT"
 
+SHARDS=8
+PER_SHARD=256
 start=$(date +%s.%N)
-"$TBCM" rollout --teacher weights/teacher --prompts world --seed 0 --route-points 8 --shards 8 \
-    --prompts-per-shard 256 --batch-size 32 --out "$OUT/bank"
-end=$(date +%s.%N)
-train_budget=$(python3 -c "print(round($BUDGET - ($end - $start), 1))")
-echo "bank: 2048 rollouts in $(python3 -c "print(round($end - $start, 1))") s; TBCM trains for $train_budget s" \
-    | tee "$OUT/bank-timing.txt"
+"$TBCM" rollout --teacher weights/teacher --prompts world --seed 0 --route-points 8 --shards "$SHARDS" \
+    --prompts-per-shard "$PER_SHARD" --batch-size 32 --out "$OUT/bank"
+bank_s=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
+train_budget=$(python3 -c "print(round($BUDGET - $bank_s, 1))")
+echo "bank: $((SHARDS * PER_SHARD)) rollouts in $bank_s s; TBCM trains for $train_budget s" | tee "$OUT/bank-timing.txt"
 "$TBCM" distill "${RECIPE[@]}" --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
     --route-points 8 --rollouts "$OUT/bank" --time-budget-s "$train_budget" --out "$OUT/tbcm" --export "$OUT/tbcm/export"
 "$TBCM" distill "${RECIPE[@]}" --pairs data --points-per-trajectory 4 --time-budget-s "$BUDGET" \
@@ -27,5 +28,4 @@ echo "bank: 2048 rollouts in $(python3 -c "print(round($end - $start, 1))") s; T
 for run in tbcm data; do
     .venv/bin/python benchmarks/bench_quality.py --n 512 --json "$OUT/quality-$run.json" --model "$OUT/$run/export:1,2,4"
 done
-bank_s=$(python3 -c "print(round($end - $start, 1))")
 .venv/bin/python benchmarks/plot_fd_curves.py "$OUT/tbcm" "$OUT/data" --offset "$OUT/tbcm=$bank_s" --out "$OUT/fd_vs_time.png"
