@@ -6,6 +6,8 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 PORT ?= 3000
 TBCM_MODEL ?= student
+STUDENT_RUNS ?= runs/student# where `make student` keeps its run (bank, checkpoint, curves)
+STUDENT_WEIGHTS ?= weights/student# where `make student` exports the student
 SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
@@ -44,12 +46,16 @@ world: install
 	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
 		--teacher $(WORLD_RUNS)/teacher-phase3 --weights $(WEIGHTS)
 
-# Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest.
+# Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
+# a bank of 2048 teacher rollouts, then 1400 steps on it with DMD's regulariser on the one-step samples.
 student: install
+	$(BIN)/tbcm rollout --teacher weights/teacher --prompts world --seed $(SEED) --shards 8 --prompts-per-shard 256 \
+		--batch-size 32 --out $(STUDENT_RUNS)/bank
 	$(BIN)/tbcm distill --teacher weights/teacher --prompts world --pairs trajectory --seed $(SEED) \
-		--steps 1400 --points-per-trajectory 2 --renoised-per-trajectory 2 --no-learn-logvar --prior-weight uniform \
-		--cosine-decay --calm-down-start 800 --calm-down-steps 300 \
-		--out runs/student --export weights/student --export-eval-n 512
+		--rollouts $(STUDENT_RUNS)/bank --steps 1400 --points-per-trajectory 2 --renoised-per-trajectory 2 \
+		--no-learn-logvar --prior-weight uniform --cosine-decay --calm-down-start 800 --calm-down-steps 300 \
+		--dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1 \
+		--out $(STUDENT_RUNS) --export $(STUDENT_WEIGHTS) --export-eval-n 512
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh

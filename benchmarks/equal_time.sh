@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Table 2, equal wall-clock time: TBCM against data-sCM, each with BUDGET seconds (default 900) and the shipped
-# student's options. TBCM first rolls a bank of teacher trajectories out (`tbcm rollout`, 8 route points: the
-# teacher saturates at 8 steps) and trains on it; the bank's wall time counts against TBCM's budget.
+# Table 2, equal wall-clock time: TBCM against data-sCM, each with BUDGET seconds (default 900) and the options
+# of the student shipped before the DMD term (`make student` without --dmd-*). TBCM first rolls a bank of teacher
+# trajectories out (`tbcm rollout`, 8 route points: the teacher saturates at 8 steps) and trains on it; the bank's
+# wall time counts against TBCM's budget.
 # Run it alone on an idle machine: the budget is wall time. Usage: benchmarks/equal_time.sh [BUDGET] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,6 +19,13 @@ class DistillConfig:
     points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1
     renoised_per_trajectory: int = 0      # extra pairs per prompt off the trajectory: its endpoint re-noised at a
                                           #   log-normal t, with a fresh teacher CFG velocity (1 CFG call each)
+    endpoint_weight: float = 0.0          # L += this x ||f(z, pi/2) - x0'||^2 / sigma_d^2: each rollout's start noise
+                                          #   mapped in one step onto its own endpoint (TBCM pairs only; 0: off)
+    dmd_weight: float = 0.0               # L += this x DMD's reverse-divergence term on the one-step samples, with a
+                                          #   fake denoiser trained on them alongside (rCM; TBCM pairs only; 0: off)
+    dmd_fake_lr: float = 1e-4             # AdamW learning rate of the fake denoiser (constant)
+    dmd_fake_updates: int = 1             # fake-denoiser steps per student step (DMD2 uses 5, rCM 4)
+    dmd_shift: float = 5.0                # the term's noise times: flow time U(0, 1) shifted by this (rCM: 5)
     time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
     guidance_embeds_scale: float = 0.1    # the student's guidance embedder reads this x the CFG scale (Sprint: 0.1)

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.trigflow import SIGMA_DATA
+from models.trigflow import SIGMA_DATA, consistency_x0
 
 from .student import Student
 
@@ -87,5 +87,25 @@ def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c:
     logvar = logvar.float() if logvar_min is None else logvar.float().clamp(min=logvar_min)
     per_pair = (velocity.float() - f_minus.float() - g.float()).square().flatten(1).mean(1)
     weighted = prior_weight(pairs.t, prior) * torch.exp(-logvar) * per_pair + logvar
-    loss = (weighted * pairs.weight).sum() / pairs.weight.sum().clamp(min=1.0)
+    loss = weighted_mean(weighted, pairs.weight)
     return loss, {"mse": float(per_pair.detach().mean()), "logvar": float(logvar.detach().mean())}
+
+
+def one_step(student: Student | torch.nn.Module, starts: Pairs) -> torch.Tensor:
+    """The student's clean estimate f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta (sCM eq. 9), with grad;
+    at the rollouts' start noise (t = pi/2) it is the one-step sample."""
+    velocity = student(starts.x_t / SIGMA_DATA, starts.t.to(starts.x_t.dtype), starts.states, starts.mask,
+                       starts.guidance)[0]
+    return consistency_x0(starts.x_t, SIGMA_DATA * velocity, starts.t)
+
+
+def weighted_mean(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over the samples the degenerate filter kept."""
+    return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def endpoint_loss(student: Student | torch.nn.Module, starts: Pairs) -> torch.Tensor:
+    """Mean of ||f_theta(z, pi/2) - x0'||^2 / sigma_d^2 over rollouts: the one-step sample from each rollout's start
+    noise z (`starts.x_t`) regressed onto the teacher's ODE endpoint x0' of that same noise."""
+    x0 = one_step(student, starts)
+    return weighted_mean(((x0.float() - starts.x0.float()) / SIGMA_DATA).square().flatten(1).mean(1), starts.weight)

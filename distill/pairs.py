@@ -96,6 +96,12 @@ def pairs_from_rollout(roll: Rollout, states, mask, config: DistillConfig) -> tu
     return pairs, int((weight == 0).sum())
 
 
+def start_pairs(roll: Rollout, states, mask, weight) -> Pairs:
+    """Each rollout's first state, its start noise at t = pi/2, paired with its own endpoint (`--endpoint-weight`)."""
+    return Pairs(roll.states[:, 0], roll.times[:, 0], roll.velocities[:, 0], states, mask, roll.guidance, weight,
+                 roll.endpoints)
+
+
 @torch.no_grad()
 def noised_pairs(teacher: Pipeline, x0, states, mask, null_states, null_mask, guidance, weight,
                  config: DistillConfig) -> Pairs:

@@ -1,8 +1,9 @@
 """`tbcm rollout`: precompute teacher trajectories into sharded safetensors files, and read them back.
 
 A shard holds, for M prompts, the K states, velocities and times of one rollout each, the endpoints and the CFG
-scales, plus the prompts themselves in the header. Under `accelerate launch`, rank r writes shards r, r + W, ...
-Several training runs (or ranks) can then reuse the same trajectories instead of rolling out.
+scales, plus the prompts, the route and the teacher's transformer SHA-256 in the header. Under `accelerate launch`,
+rank r writes shards r, r + W, ... Several training runs (or ranks) can then reuse the same trajectories instead of
+rolling out.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from models.training import atomic_write_safetensors, read_safetensors
 
 from .config import DistillConfig
+from .export import teacher_fingerprint
 from .pairs import Rollout, read_prompts, rollout
 
 SHARD_GLOB = "rollouts-*.safetensors"
@@ -36,6 +38,7 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     teacher = load_teacher(config, accelerator.device)
     prompts = read_prompts(config.prompts, config.seed)
+    teacher_sha256 = teacher_fingerprint(teacher)["transformer_sha256"]
     out.mkdir(parents=True, exist_ok=True)
     mine = range(accelerator.process_index, rollout_config.shards, accelerator.num_processes)
     written = []
@@ -52,6 +55,7 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
                    for name in ("states", "velocities", "times", "endpoints", "guidance")}
         path = out / f"rollouts-{shard:05d}.safetensors"
         atomic_write_safetensors(tensors, path, {"prompts": chosen, "teacher": str(config.teacher),
+                                                 "teacher_sha256": teacher_sha256,
                                                  "route_points": config.route_points,
                                                  "time_sampling": config.time_sampling})
         written.append(path)
@@ -60,9 +64,10 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
 
 class RolloutShards:
     """Random access to precomputed rollouts: `sample(n)` draws n stored trajectories (Python's RNG). Every shard
-    must have been rolled out with the run's route (`route_points`, `time_sampling`), which its config records."""
+    must have been rolled out by the run's teacher (its transformer's SHA-256) with the run's route (`route_points`,
+    `time_sampling`), which its header records."""
 
-    def __init__(self, folder: str | Path, config: DistillConfig):
+    def __init__(self, folder: str | Path, config: DistillConfig, teacher_sha256: dict[str, str]):
         paths = sorted(Path(folder).glob(SHARD_GLOB))
         if not paths:
             raise FileNotFoundError(f"--rollouts {folder}: no {SHARD_GLOB} files (make them with `tbcm rollout`)")
@@ -73,6 +78,10 @@ class RolloutShards:
                     raise ValueError(f"--rollouts {path}: rolled out with {knob} = {meta.get(knob)!r}, but this run "
                                      f"has --{knob.replace('_', '-')} {getattr(config, knob)!r}; pass the shards' "
                                      "value or re-run `tbcm rollout`")
+            if meta.get("teacher_sha256") != teacher_sha256:
+                raise ValueError(f"--rollouts {path}: rolled out by another teacher (transformer SHA-256 "
+                                 f"{meta.get('teacher_sha256')}, this run's --teacher {config.teacher} has "
+                                 f"{teacher_sha256}); re-run `tbcm rollout` with this teacher")
         self.tensors = {name: torch.cat([t[name] for t, _ in loaded]) for name in loaded[0][0]}
         self.prompts = [p for _, meta in loaded for p in meta["prompts"]]
 

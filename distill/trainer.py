@@ -27,9 +27,12 @@ from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update,
     load_checkpoint, load_rank_rng, prune_rank_rng, save_checkpoint, save_rank_rng, truncate_log
 
 from .config import DistillConfig
+from .dmd import dmd_loss, fake_denoiser, fake_denoiser_loss
+from .export import teacher_fingerprint
 from .ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
-from .loss import prior_weight, scm_loss, tangent_r
-from .pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout
+from .loss import endpoint_loss, one_step, prior_weight, scm_loss, tangent_r
+from .pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout, \
+    start_pairs
 from .rollout import RolloutShards
 from .student import Student, student_from_teacher
 
@@ -68,14 +71,19 @@ class Distiller:
         if config.renoised_per_trajectory < 0 or (config.renoised_per_trajectory and config.pairs == "data"):
             raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
                              f"trajectory endpoints), got {config.renoised_per_trajectory}")
+        for knob in ("endpoint_weight", "dmd_weight"):  # both act on the one-step samples of the rollouts' noise
+            if getattr(config, knob) < 0 or (getattr(config, knob) and config.pairs == "data"):
+                raise ValueError(f"--{knob.replace('_', '-')} must be >= 0, and 0 with --pairs data (it needs each "
+                                 f"rollout's start noise), got {getattr(config, knob)}")
         self.config, self.out = config, Path(config.out)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
-        if config.ladd and self.accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError("--ladd runs with DDP only: accelerate's FSDP version 2 prepares one model per run, "
-                             "and the LADD heads would be a second")
+        if (config.ladd or config.dmd_weight) and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--ladd and --dmd-weight run with DDP only: accelerate's FSDP version 2 prepares one "
+                             "model per run, and the LADD heads or DMD's fake denoiser would be a second")
         self.teacher = load_teacher(config, self.accelerator.device)
         self.prompts = read_prompts(config.prompts, config.seed)
-        self.shards = RolloutShards(config.rollouts, config) if config.rollouts else None
+        self.shards = RolloutShards(config.rollouts, config, teacher_fingerprint(self.teacher)["transformer_sha256"]) \
+            if config.rollouts else None
         torch.manual_seed(config.seed)
         self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
         self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
@@ -89,6 +97,9 @@ class Distiller:
         if config.ladd:  # the heads' own param group: one optimizer to checkpoint, and as each step gives only one
             # side gradients and Adam's state is per parameter, it acts as two AdamWs
             optimizer.add_param_group({"params": list(self.discriminator.parameters()), "lr": config.ladd_lr})
+        self.fake_denoiser = fake_denoiser(self.teacher.transformer) if config.dmd_weight else None
+        if self.fake_denoiser is not None:  # likewise its own param group
+            optimizer.add_param_group({"params": list(self.fake_denoiser.parameters()), "lr": config.dmd_fake_lr})
         self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
         self.clip_groups = [list(self.model.parameters())]
         if config.clip_logvar_apart:  # the head's gradient (about 1 per pair, whatever the loss) stays out of the
@@ -97,6 +108,7 @@ class Distiller:
             for name, param in self.model.named_parameters():
                 self.clip_groups[name.removeprefix("module.").startswith("logvar.")].append(param)
         self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
+        self.wrapped_fake_denoiser = self.accelerator.prepare(self.fake_denoiser) if config.dmd_weight else None
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
         rank = self.accelerator.process_index
         if resume and (self.out / CHECKPOINT).exists():
@@ -114,7 +126,8 @@ class Distiller:
 
     def _modules(self) -> dict:
         heads = {"ladd": self.discriminator} if self.discriminator is not None else {}
-        return {"student": self.student, "ema": self.ema} | heads
+        denoiser = {"dmd_fake": self.fake_denoiser} if self.fake_denoiser is not None else {}
+        return {"student": self.student, "ema": self.ema} | heads | denoiser
 
     def _conditioning(self, prompts: list[str]):
         text, device = self.teacher.text, self.accelerator.device
@@ -123,13 +136,14 @@ class Distiller:
         return states.to(device), mask.to(device), null_states.to(device), null_mask.to(device)
 
     def make_pairs(self):
-        """One step's pairs and the number of prompts the degenerate filter dropped."""
+        """One step's pairs, the number of prompts the degenerate filter dropped, and the rollouts' start pairs
+        (noise at pi/2 with its endpoint; None for data pairs)."""
         config = self.config
         if config.pairs == "data":
             scenes = [world.sample_scene(random.randrange(2**31), "train")
                       for _ in range(config.prompts_per_step * config.points_per_trajectory)]
             cond = self._conditioning([s.caption for s in scenes])
-            return data_pairs(self.teacher, scenes, *cond, config), 0
+            return data_pairs(self.teacher, scenes, *cond, config), 0, None
         if self.shards is not None:
             roll, prompts = self.shards.sample(config.prompts_per_step)
             cond = self._conditioning(prompts)
@@ -138,15 +152,15 @@ class Distiller:
             cond = self._conditioning(prompts)
             roll = rollout(self.teacher, *cond, config)
         pairs, dropped = pairs_from_rollout(roll, *cond[:2], config)
+        prompt_weight = pairs.weight[::config.points_per_trajectory]
         if config.renoised_per_trajectory:
-            prompt_weight = pairs.weight[::config.points_per_trajectory]
             pairs = concat_pairs(pairs, renoised_endpoint_pairs(self.teacher, roll, prompt_weight, *cond, config))
-        return pairs, dropped
+        return pairs, dropped, start_pairs(roll, *cond[:2], prompt_weight)
 
     def train_step(self) -> dict:
         config = self.config
         t0 = time.perf_counter()
-        pairs, dropped = self.make_pairs()
+        pairs, dropped, starts = self.make_pairs()
         r = tangent_r(self.step, config.tangent_warmup, config.calm_down_start, config.calm_down_steps,
                       config.final_r)
         student = self.accelerator.unwrap_model(self.model)
@@ -155,6 +169,19 @@ class Distiller:
             loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c, config.prior_weight, config.logvar_min)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
+        if config.endpoint_weight:  # L = L_sCM + endpoint_weight L_end, its gradient added by a second backward
+            with self.accelerator.autocast():
+                end_loss = endpoint_loss(self.model, starts)
+            self.accelerator.backward(config.endpoint_weight * end_loss)
+            stats["endpoint"] = end_loss.item()
+        if config.dmd_weight:  # L = L_sCM + dmd_weight L_DMD, likewise
+            null = tuple(x.to(starts.x_t.device) for x in self.teacher.text.null(len(starts.t)))
+            with self.accelerator.autocast():
+                x0_hat = one_step(self.model, starts)
+                distribution_loss = dmd_loss(self.teacher.transformer, self.fake_denoiser, x0_hat, starts, null,
+                                             config.dmd_shift)
+            self.accelerator.backward(config.dmd_weight * distribution_loss)
+            stats["dmd"] = distribution_loss.item()
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
             ladd_batch, fake = self._ladd_generator(pairs, stats)
         norms = [self.accelerator.clip_grad_norm_(group, config.grad_clip) for group in self.clip_groups]
@@ -165,7 +192,12 @@ class Distiller:
         else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)
             self.counters["skipped_steps"] += 1
         if config.ladd:  # then the alternating discriminator step
-            stats["d_loss"] = self._ladd_discriminator(ladd_batch, fake)
+            stats["d_loss"] = self._side_step(lambda: discriminator_loss(
+                self.wrapped_discriminator, self.teacher.transformer, ladd_batch.x0, fake, ladd_batch.states,
+                ladd_batch.mask, config), self.discriminator.parameters())
+        for _ in range(config.dmd_fake_updates if config.dmd_weight else 0):  # and the fake denoiser's steps
+            stats["fake"] = self._side_step(lambda: fake_denoiser_loss(
+                self.wrapped_fake_denoiser, x0_hat.detach(), starts, config.dmd_shift), self.fake_denoiser.parameters())
         self.step += 1
         elapsed = time.perf_counter() - t0
         self.counters["pairs"] += len(pairs.t)
@@ -185,16 +217,16 @@ class Distiller:
         stats["g_loss"] = g_loss.item()
         return batch, fake
 
-    def _ladd_discriminator(self, batch, fake: torch.Tensor) -> float:
-        """One hinge step of the heads: the batch's clean x0 as real, the pre-update x̂0 as fake."""
-        self.optimizer.zero_grad(set_to_none=True)  # only the heads get gradients below
+    def _side_step(self, loss_fn, parameters) -> float:
+        """One step of a side network on the pre-update one-step samples: the LADD heads' hinge step (clean x0 as
+        real, x̂0 as fake) or DMD's fake denoiser's denoising step. Only its parameters get gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
-            d_loss = discriminator_loss(self.wrapped_discriminator, self.teacher.transformer, batch.x0, fake,
-                                        batch.states, batch.mask, self.config)
-        self.accelerator.backward(d_loss)
-        if torch.isfinite(self.accelerator.clip_grad_norm_(self.discriminator.parameters(), self.config.grad_clip)):
+            loss = loss_fn()
+        self.accelerator.backward(loss)
+        if torch.isfinite(self.accelerator.clip_grad_norm_(parameters, self.config.grad_clip)):
             self.optimizer.step()
-        return d_loss.item()
+        return loss.item()
 
     def pipeline(self) -> Pipeline:
         """The student as a pipeline, with the EMA weights (what is sampled, evaluated and exported)."""

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import world
-from .evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of
+from .evaluator import Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure, targets_of
 from .generator import DEFAULT_GUIDANCE, Generator
 from .pipeline import WEIGHTS_DIR, Pipeline, load_pipeline
 
@@ -87,9 +87,11 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
                    "student": generator.pipe.is_student}
     feats, logits = measure(evaluator, images)
     ref_feats, _ = measure(evaluator, real_images(references, size))
-    accuracy, per_attribute = attribute_accuracy(logits, targets_of(scenes))
+    targets = targets_of(scenes)
+    accuracy, per_attribute = attribute_accuracy(logits, targets)
     result |= {"fd": frechet_distance(feats, ref_feats), "accuracy": accuracy,
-               "accuracy_per_attribute": per_attribute, "machine": f"{platform.machine()}, "
+               "accuracy_per_attribute": per_attribute, "errors_per_attribute": attribute_errors(logits, targets),
+               "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "config": asdict(config)}
     if config.json:
         out = Path(config.json)

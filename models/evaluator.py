@@ -5,6 +5,7 @@ prompt-attribute accuracy (the CLIP-score analogue). Weights are a safetensors f
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,6 +75,17 @@ def attribute_accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch
     correct = {name: logits[name].argmax(-1) == targets[name] for name in world.ATTRIBUTES}
     every = torch.stack(list(correct.values())).all(0)
     return float(every.float().mean()), {name: float(c.float().mean()) for name, c in correct.items()}
+
+
+def attribute_errors(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{attribute: {"true -> predicted": count}} over the misread images, most frequent first."""
+    errors = {}
+    for name, classes in world.ATTRIBUTES.items():
+        predicted = logits[name].argmax(-1)
+        pairs = Counter(f"{classes[t]} -> {classes[p]}" for t, p in zip(targets[name].tolist(), predicted.tolist())
+                        if t != p)
+        errors[name] = dict(pairs.most_common())
+    return errors
 
 
 def targets_of(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:

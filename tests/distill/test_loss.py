@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distill.loss import Pairs, consistency_tangent, prior_weight, scm_loss, tangent_r
+from distill.loss import Pairs, consistency_tangent, endpoint_loss, prior_weight, scm_loss, tangent_r
 from distill.student import Student, student_from_teacher
 from models.tiny import tiny_transformer
 from models.trigflow import SIGMA_DATA
@@ -113,3 +113,20 @@ def test_tangent_r_schedule():
     assert tangent_r(500, 100, 10**9, 10, 0.75) == 1.0
     assert math.isclose(tangent_r(205, 100, 200, 10, 0.75), 0.875)
     assert tangent_r(400, 100, 200, 10, 0.75) == 0.75
+
+
+def test_endpoint_loss_regresses_the_one_step_sample_onto_the_endpoint(student64):
+    """At t = pi/2 the consistency function is f = -sigma_d F (sCM eq. 9): the loss is its mean squared distance
+    to x0 in units of sigma_d, averaged over the kept rollouts only."""
+    pairs = make_pairs()
+    starts = Pairs(**{**vars(pairs), "t": torch.full((3,), math.pi / 2, dtype=torch.float64),
+                      "weight": torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)})
+    with torch.no_grad():
+        one_step = -SIGMA_DATA * student64.velocity(starts.x_t / SIGMA_DATA, starts.t, starts.states, starts.mask,
+                                                    starts.guidance)
+        per_rollout = ((one_step - starts.x0) / SIGMA_DATA).square().flatten(1).mean(1)
+        loss = endpoint_loss(student64, starts)
+    torch.testing.assert_close(loss, (per_rollout[0] + per_rollout[2]) / 2, atol=1e-6, rtol=1e-6)
+    assert abs(loss - per_rollout.mean()) > 1e-3  # the dropped rollout really is left out
+    exact = Pairs(**{**vars(starts), "x0": one_step})
+    assert endpoint_loss(student64, exact) < 1e-12

@@ -1,6 +1,7 @@
 """The trainer end to end on tiny configs: both pair sources, rollout shards, exact resume after SIGKILL,
 export through SanaSprintPipeline, and clear errors for bad teachers."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from distill.trainer import Distiller
 from models.generator import Generator
 from models.pipeline import PipelineError, load_pipeline
 from models.sampling import seeded_noise
+from models.tiny import make_tiny_pipeline
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
             checkpoint_every=1, tangent_warmup=2)
@@ -82,11 +84,42 @@ def test_renoised_endpoints_join_the_trajectory_pairs(tiny_teacher_dir, tmp_path
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"),
                            **{**TINY, "points_per_trajectory": 2}, renoised_per_trajectory=3)
     distiller = Distiller(config)
-    pairs, _ = distiller.make_pairs()
+    pairs, _, _ = distiller.make_pairs()
     assert len(pairs.t) == 2 * (2 + 3)
     distiller.train()
     assert len(losses(tmp_path / "run")) == 3
     with pytest.raises(ValueError, match="--renoised-per-trajectory"):
+        Distiller(DistillConfig(**{**config.__dict__, "pairs": "data", "out": str(tmp_path / "data")}))
+
+
+def test_endpoint_regression_joins_the_loss_on_each_rollouts_start_noise(tiny_teacher_dir, tmp_path):
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY, endpoint_weight=0.5)
+    distiller = Distiller(config)
+    _, _, starts = distiller.make_pairs()
+    assert starts.t.tolist() == [pytest.approx(math.pi / 2)] * 2  # one per prompt, at the rollout's noise
+    torch.testing.assert_close(starts.x_t.std(), torch.tensor(0.5), atol=0.1, rtol=0)  # sigma_d x N(0, 1)
+    distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(row["endpoint"] > 0 for row in rows)
+    with pytest.raises(ValueError, match="--endpoint-weight"):
+        Distiller(DistillConfig(**{**config.__dict__, "pairs": "data", "out": str(tmp_path / "data")}))
+
+
+def test_dmd_trains_a_fake_denoiser_beside_the_student_and_resumes_it(tiny_teacher_dir, tmp_path):
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **TINY, dmd_weight=0.5,
+                           dmd_fake_updates=2)
+    distiller = Distiller(config)
+    teacher_weights = {k: v.clone() for k, v in distiller.teacher.transformer.state_dict().items()}
+    distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(row["dmd"] > 0 and row["fake"] > 0 for row in rows)
+    moved = [k for k, v in distiller.fake_denoiser.state_dict().items() if not torch.equal(v, teacher_weights[k])]
+    assert moved  # the fake denoiser learns; the teacher it started from does not
+    assert all(torch.equal(v, teacher_weights[k]) for k, v in distiller.teacher.transformer.state_dict().items())
+    resumed = Distiller(DistillConfig(**{**config.__dict__, "steps": 3}), resume=True)
+    for key, value in distiller.fake_denoiser.state_dict().items():
+        torch.testing.assert_close(resumed.fake_denoiser.state_dict()[key], value, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="--dmd-weight"):
         Distiller(DistillConfig(**{**config.__dict__, "pairs": "data", "out": str(tmp_path / "data")}))
 
 
@@ -100,6 +133,10 @@ def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="rollouts-00000.safetensors: rolled out with route_points = 4"):
         Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"), "route_points": 8,
                                    "out": str(tmp_path / "other")}))
+    other_teacher = make_tiny_pipeline(tmp_path / "other-teacher", student=False, seed=3)
+    with pytest.raises(ValueError, match="rollouts-00000.safetensors: rolled out by another teacher"):
+        Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"),
+                                   "teacher": str(other_teacher), "out": str(tmp_path / "other")}))
 
 
 def run_cli(args, **kwargs):

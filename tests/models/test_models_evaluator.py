@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models import world
-from models.evaluator import WEIGHTS, Evaluator, attribute_accuracy, frechet_distance, measure, targets_of
+from models.evaluator import (WEIGHTS, Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure,
+                              targets_of)
 from models.pipeline import WEIGHTS_DIR
 
 
@@ -98,6 +99,8 @@ def test_attribute_accuracy_on_hand_made_logits():
     every, per = attribute_accuracy(logits, targets)
     assert every == pytest.approx(0.5)  # images 0 and 2 have every attribute right
     assert per == pytest.approx({"colour": 1.0, "kind": 0.75, "size": 0.75, "position": 1.0})
+    assert attribute_errors(logits, targets) == {"colour": {}, "kind": {"square -> circle": 1},
+                                                 "size": {"small -> medium": 1}, "position": {}}
     logits["position"] = one_hot([0, 0, 0, 0], 5)
     assert attribute_accuracy(logits, targets)[0] == 0.0
 
