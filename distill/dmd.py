@@ -5,7 +5,8 @@ arXiv 2405.14867): here a small one-step student rounds the corners of squares u
 The student's one-step samples x̂0 = f_theta(z, pi/2) are noised at a time s; there the teacher's CFG denoiser
 D_real pulls them toward the teacher's distribution, and a fake denoiser D_fake, trained online on the student's
 own samples, pushes them away from where they already are. Still no images: the fake denoiser learns from the
-student's samples only, and starts as a copy of the teacher, so the term is zero at step 0.
+student's samples only. It starts as a copy of the teacher without CFG, so at step 0 the term already pulls the
+samples from the conditional teacher's denoising toward the CFG teacher's.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from diffusers import SanaTransformer2DModel
 from models.sampling import cfg_flow_model, flow_model
 from models.trigflow import SIGMA_DATA, T_MAX, consistency_x0, flow_shift, renoise, trig_time, trigflow_from_flow
 
-from .loss import Pairs, weighted_mean
+from .loss import Pairs, as_column, weighted_mean
 
 
 def fake_denoiser(teacher: SanaTransformer2DModel) -> SanaTransformer2DModel:
@@ -48,7 +49,7 @@ def dmd_loss(teacher: SanaTransformer2DModel, fake: SanaTransformer2DModel, x0_h
         real = consistency_x0(x_s, SIGMA_DATA * denoiser_velocity(teacher, x_s, s, starts, null), s)
         fake_x0 = consistency_x0(x_s, SIGMA_DATA * denoiser_velocity(fake, x_s, s, starts), s)
         scale = (x0_hat.detach() - real).abs().flatten(1).mean(1).clamp(min=1e-5)
-        gradient = (fake_x0 - real) / scale.view(-1, *([1] * (x0_hat.ndim - 1)))
+        gradient = (fake_x0 - real) / as_column(scale, x0_hat)
     per_sample = 0.5 * (x0_hat.float() - (x0_hat - gradient).detach().float()).square().flatten(1).mean(1)
     return weighted_mean(per_sample, starts.weight)
 
@@ -58,7 +59,7 @@ def fake_denoiser_loss(fake, x0_hat: torch.Tensor, starts: Pairs, shift: float) 
     F* = (cos s x_s - x̂0) / (sigma_d sin s) (sCM eq. 9 solved for F), at the term's noise times."""
     s = dmd_times(len(x0_hat), shift).to(x0_hat.device)
     x_s = renoise(x0_hat, SIGMA_DATA * torch.randn_like(x0_hat), s)
-    column = s.view(-1, *([1] * (x0_hat.ndim - 1))).to(x0_hat.dtype)
+    column = as_column(s, x0_hat)
     target = (torch.cos(column) * x_s - x0_hat) / (SIGMA_DATA * torch.sin(column))
     predicted = denoiser_velocity(fake, x_s, s, starts)
     return weighted_mean((predicted.float() - target.float()).square().flatten(1).mean(1), starts.weight)

@@ -42,7 +42,7 @@ def tangent_r(step: int, warmup: int, calm_start: int, calm_steps: int, final_r:
     return r
 
 
-def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def as_column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
@@ -50,7 +50,7 @@ def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: flo
     """(F^-, g): the stop-grad student output and the normalised tangent (Sprint Alg. 2, lines 6-9).
     `student` is a Student, or one wrapped by accelerate (its forward returns (F, logvar))."""
     t = pairs.t.to(pairs.x_t.dtype)
-    cos, sin = _column(torch.cos(t), pairs.x_t), _column(torch.sin(t), pairs.x_t)
+    cos, sin = as_column(torch.cos(t), pairs.x_t), as_column(torch.sin(t), pairs.x_t)
     # Rearranged tangents: (cos t sin t dx/dt / sigma_d, cos t sin t) give J = cos t sin t dF/dt (Sprint Alg. 2).
     tangents = (cos * sin * pairs.velocity / SIGMA_DATA, torch.cos(t) * torch.sin(t))
     # fused SDPA kernels have no forward-mode AD
@@ -62,7 +62,7 @@ def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: flo
     # g = -cos^2 t (sigma_d F^- - dx/dt) - r (cos t sin t x_t + sigma_d J)  (sCM eq. 8, Sprint Alg. 2 line 8)
     g = -cos**2 * (SIGMA_DATA * f_minus - pairs.velocity) - r * (cos * sin * pairs.x_t + SIGMA_DATA * jvp)
     g_norm = g.flatten(1).norm(dim=1)
-    g = g / _column(g_norm + norm_c, g)  # per-sample tangent normalisation (sCM §4.2)
+    g = g / as_column(g_norm + norm_c, g)  # per-sample tangent normalisation (sCM §4.2)
     return f_minus, g
 
 
