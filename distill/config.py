@@ -14,6 +14,8 @@ class DistillConfig:
     seed: int = 0                         # everything is a function of it (per rank: seed + rank)
     steps: int = 250                      # optimizer steps
     time_budget_s: float = 0.0            # also stop once training time (evals excluded) reaches this; 0: off
+    fit_schedule_to_budget: bool = False  # run the step schedule (warm-ups, calm-down, cosine) over the
+                                          #   budget: position = steps x time spent / time_budget_s
     prompts_per_step: int = 8             # prompts per step per rank (TBCM) / images are prompts x points (data)
     route_points: int = 16                # K, points of the reference route (teacher NFE = 2K per prompt)
     points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1

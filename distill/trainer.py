@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
+from accelerate.utils import broadcast
 from diffusers import SCMScheduler
 
 from models import world
@@ -75,6 +76,9 @@ class Distiller:
             if getattr(config, knob) < 0 or (getattr(config, knob) and config.pairs == "data"):
                 raise ValueError(f"--{knob.replace('_', '-')} must be >= 0, and 0 with --pairs data (it needs each "
                                  f"rollout's start noise), got {getattr(config, knob)}")
+        if config.fit_schedule_to_budget and config.time_budget_s <= 0:
+            raise ValueError("--fit-schedule-to-budget runs the schedule over the time budget: give --time-budget-s "
+                             f"> 0, got {config.time_budget_s}")
         self.config, self.out = config, Path(config.out)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
         if (config.ladd or config.dmd_weight) and self.accelerator.distributed_type == DistributedType.FSDP:
@@ -161,10 +165,10 @@ class Distiller:
         config = self.config
         t0 = time.perf_counter()
         pairs, dropped, starts = self.make_pairs()
-        r = tangent_r(self.step, config.tangent_warmup, config.calm_down_start, config.calm_down_steps,
-                      config.final_r)
+        position = self.schedule_position()
+        r = tangent_r(position, config.tangent_warmup, config.calm_down_start, config.calm_down_steps, config.final_r)
         student = self.accelerator.unwrap_model(self.model)
-        self.optimizer.param_groups[0]["lr"] = learning_rate(config, self.step + 1)  # the student's; heads: ladd_lr
+        self.optimizer.param_groups[0]["lr"] = learning_rate(config, position + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
             loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c, config.prior_weight, config.logvar_min)
         self.optimizer.zero_grad(set_to_none=True)
@@ -203,8 +207,25 @@ class Distiller:
         self.counters["pairs"] += len(pairs.t)
         self.counters["degenerate_prompts"] += dropped
         self.counters["train_time_s"] += elapsed
+        if config.fit_schedule_to_budget:  # the bar has no total then: what is left of the budget stands for an ETA
+            stats.update(schedule_step=position, budget_left_s=config.time_budget_s - self.counters["train_time_s"])
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "r": r, "pairs_per_s": len(pairs.t) / elapsed,
                 **stats, **{k: v for k, v in self.counters.items() if k != "pairs"}}
+
+    def budget_spent(self) -> float:
+        """Training time over the time budget (0 without one), on rank 0's clock, so that every rank reads the same
+        schedule and stops at the same step."""
+        if not self.config.time_budget_s:
+            return 0.0
+        clock = torch.tensor([self.counters["train_time_s"]], dtype=torch.float64, device=self.accelerator.device)
+        return broadcast(clock, from_process=0).item() / self.config.time_budget_s
+
+    def schedule_position(self) -> int:
+        """The step the schedules read: the step itself, or with fit_schedule_to_budget the budget's spent share of
+        the steps, so warm-ups, calm-down and cosine decay all end when the budget does."""
+        if not self.config.fit_schedule_to_budget:
+            return self.step
+        return min(self.config.steps, int(self.config.steps * self.budget_spent()))
 
     def _ladd_generator(self, pairs, stats: dict):
         """Backpropagates ladd_weight L_G into the student (one forward per backward, as DDP wants) on one pair
@@ -267,12 +288,12 @@ class Distiller:
 
     def train(self) -> None:
         config = self.config
-        log = RunLog(self.out, config.steps, self.step, f"distill ({config.pairs})") \
+        total = None if config.fit_schedule_to_budget else config.steps  # fitted: the budget, not a count, ends it
+        log = RunLog(self.out, total, self.step, f"distill ({config.pairs})") \
             if self.accelerator.is_main_process else None
         if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
             self.evaluate_now()
-        while self.step < config.steps and not (config.time_budget_s and
-                                                 self.counters["train_time_s"] >= config.time_budget_s):
+        while (config.fit_schedule_to_budget or self.step < config.steps) and self.budget_spent() < 1:
             metrics = self.train_step()
             if log:
                 log.step(self.step, **metrics)
@@ -281,7 +302,8 @@ class Distiller:
                     self.sample_grid()
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate_now()
-            if self.step % config.checkpoint_every == 0 and self.step < config.steps:
+            if self.step % config.checkpoint_every == 0 and self.budget_spent() < 1 and \
+                    (config.fit_schedule_to_budget or self.step < config.steps):  # the final save follows the loop
                 self.save()
         if config.eval_every and self.step % config.eval_every and self.accelerator.is_main_process:
             self.evaluate_now()  # the curve's last point is where training stopped

@@ -185,7 +185,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 class RunLog:
     """A tqdm bar with loss, rate and ETA, plus a JSONL log of every reported step."""
 
-    def __init__(self, out: Path, total: int, start: int, desc: str):
+    def __init__(self, out: Path, total: int | None, start: int, desc: str):
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="it", dynamic_ncols=True, mininterval=2.0)

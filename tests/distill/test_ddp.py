@@ -26,7 +26,7 @@ FSDP2_ON_ONE_GPU = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_polic
                     "--fsdp_cpu_ram_efficient_loading", "false", "--num_processes", "1")
 
 
-def launch(jobs: list[dict], mode: tuple[str, ...] = DDP_ON_CPU) -> None:
+def launch(jobs: list[dict], mode: tuple[str, ...] = DDP_ON_CPU, timeout_s: int = 1800) -> None:
     """`accelerate launch --multi_gpu --num_processes 2`: with no CUDA device the trainer's Accelerator(cpu=True)
     makes accelerate pick MULTI_CPU with the gloo backend (`--cpu` alone would start a single process).
     FSDP2_ON_ONE_GPU shards over one CUDA process instead (accelerate enables FSDP on accelerators only)."""
@@ -40,7 +40,7 @@ def launch(jobs: list[dict], mode: tuple[str, ...] = DDP_ON_CPU) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(WORKER), json.dumps(jobs)]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
@@ -78,6 +78,16 @@ def test_two_rank_ddp_trains_in_lockstep_and_resumes_exactly(tiny_teacher_dir, t
     logged = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (straight, resumed)]
     assert logged[0] == logged[1] == [rank_losses(straight, 0)[s] for s in (1, 2, 3, 4)]  # rank 0's log
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_every_rank_at_the_same_step(tiny_teacher_dir, tmp_path):
+    """Rank 1's clock runs past the budget after its first step, rank 0's never does: both follow rank 0's, so
+    neither rank is left waiting in an all-reduce the other never joins."""
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), steps=3, time_budget_s=1e4,
+                           **TINY)
+    launch([{"config": config.__dict__, "resume": False, "skew_s": {"1": 2e4}}], timeout_s=300)  # a hang fails
+    assert sorted(rank_losses(tmp_path / "run", 0)) == sorted(rank_losses(tmp_path / "run", 1)) == [1, 2, 3]
 
 
 @pytest.mark.gpu

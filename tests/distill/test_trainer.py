@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from distill.config import DistillConfig
+from distill.loss import tangent_r
 from distill.export import export_student
 from distill.rollout import RolloutConfig, write_rollouts
 from distill.trainer import Distiller
 from models.generator import Generator
 from models.pipeline import PipelineError, load_pipeline
 from models.sampling import seeded_noise
+from models.training import learning_rate
 from models.tiny import make_tiny_pipeline
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
@@ -121,6 +123,25 @@ def test_dmd_trains_a_fake_denoiser_beside_the_student_and_resumes_it(tiny_teach
         torch.testing.assert_close(resumed.fake_denoiser.state_dict()[key], value, atol=0, rtol=0)
     with pytest.raises(ValueError, match="--dmd-weight"):
         Distiller(DistillConfig(**{**config.__dict__, "pairs": "data", "out": str(tmp_path / "data")}))
+
+
+def test_fit_schedule_to_budget_runs_the_step_schedule_over_the_time_budget(tiny_teacher_dir, tmp_path,
+                                                                           monkeypatch):
+    ticks = iter(range(10**6))  # a clock where every training step takes exactly 1 s
+    monkeypatch.setattr("distill.trainer.time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **{**TINY, "steps": 4},
+                           cosine_decay=True, warmup_steps=1, calm_down_start=1, calm_down_steps=2,
+                           time_budget_s=8, fit_schedule_to_budget=True)
+    distiller = Distiller(config)
+    distiller.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))  # the 8 s budget, not the 4 steps, ends it
+    assert [row["schedule_step"] for row in rows] == [0, 0, 1, 1, 2, 2, 3, 3]  # 4 x the share of 8 s spent
+    assert [row["r"] for row in rows] == [tangent_r(p, 2, 1, 2, config.final_r) for p in [0, 0, 1, 1, 2, 2, 3, 3]]
+    assert distiller.optimizer.param_groups[0]["lr"] == learning_rate(config, 4) == 0  # annealed as the budget ends
+    assert rows[-1]["budget_left_s"] == 0
+    with pytest.raises(ValueError, match="--time-budget-s"):
+        Distiller(DistillConfig(**{**config.__dict__, "time_budget_s": 0, "out": str(tmp_path / "none")}))
 
 
 def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
