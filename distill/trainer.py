@@ -220,6 +220,10 @@ class Distiller:
         clock = torch.tensor([self.counters["train_time_s"]], dtype=torch.float64, device=self.accelerator.device)
         return broadcast(clock, from_process=0).item() / self.config.time_budget_s
 
+    def _continues(self) -> bool:
+        """Whether another step runs: steps remain (unless the schedule is fitted to the budget) and budget does."""
+        return (self.config.fit_schedule_to_budget or self.step < self.config.steps) and self.budget_spent() < 1
+
     def schedule_position(self) -> int:
         """The step the schedules read: the step itself, or with fit_schedule_to_budget the budget's spent share of
         the steps, so warm-ups, calm-down and cosine decay all end when the budget does."""
@@ -293,8 +297,10 @@ class Distiller:
             if self.accelerator.is_main_process else None
         if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
             self.evaluate_now()
-        while (config.fit_schedule_to_budget or self.step < config.steps) and self.budget_spent() < 1:
+        continues = self._continues()  # read once per step: under DDP it is a broadcast of rank 0's clock
+        while continues:
             metrics = self.train_step()
+            continues = self._continues()
             if log:
                 log.step(self.step, **metrics)
             if self.accelerator.is_main_process:
@@ -302,8 +308,7 @@ class Distiller:
                     self.sample_grid()
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate_now()
-            if self.step % config.checkpoint_every == 0 and self.budget_spent() < 1 and \
-                    (config.fit_schedule_to_budget or self.step < config.steps):  # the final save follows the loop
+            if self.step % config.checkpoint_every == 0 and continues:  # the final save follows the loop
                 self.save()
         if config.eval_every and self.step % config.eval_every and self.accelerator.is_main_process:
             self.evaluate_now()  # the curve's last point is where training stopped
