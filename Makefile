@@ -12,7 +12,7 @@ SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
-.PHONY: install test serve demo gpu-check world student eval-shipped clean-venv
+.PHONY: install test serve demo gpu-check world student equal-time
 
 # torch==2.13.0 (CPU build on this machine's disk) goes in first so the project's torch>=2.4 range keeps it.
 $(STAMP): pyproject.toml
@@ -46,16 +46,27 @@ world: install
 	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
 		--teacher $(WORLD_RUNS)/teacher-phase3 --weights $(WEIGHTS)
 
+# The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
+STUDENT_BANK_OPTS = --teacher weights/teacher --prompts world --seed $(SEED) --shards 8 --prompts-per-shard 256 \
+	--batch-size 32
+STUDENT_SCHEDULE_OPTS = --teacher weights/teacher --prompts world --seed $(SEED) --steps 1400 --no-learn-logvar \
+	--prior-weight uniform --cosine-decay --calm-down-start 800 --calm-down-steps 300
+STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
+	--dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1
+BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
+EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and their evaluations
+
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
 # a bank of 2048 teacher rollouts, then 1400 steps on it with DMD's regulariser on the one-step samples.
 student: install
-	$(BIN)/tbcm rollout --teacher weights/teacher --prompts world --seed $(SEED) --shards 8 --prompts-per-shard 256 \
-		--batch-size 32 --out $(STUDENT_RUNS)/bank
-	$(BIN)/tbcm distill --teacher weights/teacher --prompts world --pairs trajectory --seed $(SEED) \
-		--rollouts $(STUDENT_RUNS)/bank --steps 1400 --points-per-trajectory 2 --renoised-per-trajectory 2 \
-		--no-learn-logvar --prior-weight uniform --cosine-decay --calm-down-start 800 --calm-down-steps 300 \
-		--dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1 \
+	$(BIN)/tbcm rollout $(STUDENT_BANK_OPTS) --out $(STUDENT_RUNS)/bank
+	$(BIN)/tbcm distill $(STUDENT_SCHEDULE_OPTS) $(STUDENT_TBCM_OPTS) --rollouts $(STUDENT_RUNS)/bank \
 		--out $(STUDENT_RUNS) --export $(STUDENT_WEIGHTS) --export-eval-n 512
+
+# Table 2: that recipe against data-sCM, BUDGET seconds of wall clock each, side by side (benchmarks/equal_time.sh).
+equal-time: install
+	STUDENT_BANK_OPTS="$(STUDENT_BANK_OPTS)" STUDENT_SCHEDULE_OPTS="$(STUDENT_SCHEDULE_OPTS)" \
+		STUDENT_TBCM_OPTS="$(STUDENT_TBCM_OPTS)" bash benchmarks/equal_time.sh $(BUDGET) $(EQUAL_TIME_RUNS)
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh

@@ -5,29 +5,31 @@
 # The two run side by side, one thread each, so a drift in this machine's speed hits both alike. Each runs the
 # shipped 1400-step schedule fitted to its budget (--fit-schedule-to-budget), so each anneals as its time ends.
 # Then both students at 1, 2 and 4 steps, n = 512, and the FD-against-time figure.
+# Run it as `make equal-time [BUDGET=S] [EQUAL_TIME_RUNS=DIR]`: the Makefile holds the recipe's options, once, and
+# passes them here as STUDENT_BANK_OPTS (the bank), STUDENT_SCHEDULE_OPTS (both sides) and STUDENT_TBCM_OPTS.
 # Usage: benchmarks/equal_time.sh [BUDGET] [OUT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET="${1:-3600}"
 OUT="${2:-runs/equal-time}"
 TBCM=".venv/bin/tbcm"
-SCHEDULE=(--teacher weights/teacher --prompts world --seed 0 --steps 1400 --no-learn-logvar --prior-weight uniform
-          --cosine-decay --calm-down-start 800 --calm-down-steps 300 --fit-schedule-to-budget --eval-every 100
-          --export-eval-n 0)
+read -ra BANK <<< "${STUDENT_BANK_OPTS:?is unset: run this script through make equal-time}"
+read -ra SCHEDULE <<< "${STUDENT_SCHEDULE_OPTS:?is unset: run this script through make equal-time}"
+read -ra TBCM_PAIRS <<< "${STUDENT_TBCM_OPTS:?is unset: run this script through make equal-time}"
+SCHEDULE+=(--fit-schedule-to-budget --eval-every 100 --export-eval-n 0)
 mkdir -p "$OUT"
 
 tbcm_side() {
     local start bank_s
     start=$(date +%s.%N)
-    "$TBCM" rollout --teacher weights/teacher --prompts world --seed 0 --shards 8 --prompts-per-shard 256 \
-        --batch-size 32 --out "$OUT/bank"
+    "$TBCM" rollout "${BANK[@]}" --out "$OUT/bank"
     bank_s=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
     echo "$bank_s" > "$OUT/bank_s.txt"
-    "$TBCM" distill "${SCHEDULE[@]}" --pairs trajectory --rollouts "$OUT/bank" --points-per-trajectory 2 \
-        --renoised-per-trajectory 2 --dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1 \
+    "$TBCM" distill "${SCHEDULE[@]}" "${TBCM_PAIRS[@]}" --rollouts "$OUT/bank" \
         --time-budget-s "$(python3 -c "print(round($BUDGET - $bank_s, 1))")" --out "$OUT/tbcm" --export "$OUT/tbcm/export"
 }
 
+# data-sCM: the same schedule on real renders, 4 noised images per prompt (TBCM's 2 trajectory + 2 re-noised pairs)
 data_side() {
     "$TBCM" distill "${SCHEDULE[@]}" --pairs data --points-per-trajectory 4 --time-budget-s "$BUDGET" \
         --out "$OUT/data" --export "$OUT/data/export"
