@@ -48,6 +48,8 @@ class DistillConfig:
     logvar_min: float | None = None       # lower bound on the learned logvar, i.e. at most e^-min extra weight
     prior_weight: str = "tan"             # per-pair prior: "tan" = 1/(sigma_d tan t) (sCM eq. 14), "uniform" = 1
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
+    frozen_modules: str = ""              # parameters named with any of these comma-separated parts stay the teacher's
+                                          #   (e.g. "attn2,caption": the text pathway); "": train every one
     ema_decay: float = 0.99               # EMA of the exported student
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
     checkpoint_every: int = 50            # steps between atomic checkpoints

@@ -38,6 +38,18 @@ def student_from_teacher(teacher: SanaTransformer2DModel,
     return student if dtype == torch.float32 else student.to(dtype)
 
 
+def freeze(transformer: SanaTransformer2DModel, parts: str) -> None:
+    """Hold every parameter whose name contains one of the comma-separated `parts` at its current (teacher) value."""
+    names = dict(transformer.named_parameters())
+    for part in filter(None, (p.strip() for p in parts.split(","))):
+        matched = [name for name in names if part in name]
+        if not matched:
+            raise ValueError(f"--frozen-modules: {part!r} is in no student parameter name (they look like "
+                             f"{next(iter(names))!r})")
+        for name in matched:
+            names[name].requires_grad_(False)
+
+
 class Student(nn.Module):
     """F_theta(x_t / sigma_d, t, caption, w) in TrigFlow units plus the adaptive-weight log-variance."""
 

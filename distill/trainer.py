@@ -35,7 +35,7 @@ from .loss import endpoint_loss, one_step, prior_weight, scm_loss, tangent_r
 from .pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout, \
     start_pairs
 from .rollout import RolloutShards
-from .student import Student, student_from_teacher
+from .student import Student, freeze, student_from_teacher
 
 SAMPLE_PROMPTS = 8
 
@@ -91,6 +91,7 @@ class Distiller:
         torch.manual_seed(config.seed)
         self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
         self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
+        freeze(self.student.transformer, config.frozen_modules)
         self.ema = student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale).eval()
         self.ema.requires_grad_(False)
         self.ema.load_state_dict(self.student.transformer.state_dict())

@@ -76,6 +76,21 @@ def test_learn_logvar_off_keeps_the_weighting_at_zero(tiny_teacher_dir, tmp_path
     assert any(not torch.equal(v, before[k]) for k, v in distiller.student.transformer.state_dict().items())
 
 
+def test_frozen_modules_stay_the_teachers_while_the_rest_trains(tiny_teacher_dir, tmp_path):
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), frozen_modules="attn2, caption",
+                           weight_decay=0.1, **TINY)  # decay would move a frozen weight that AdamW still touched
+    distiller = Distiller(config)
+    before = {k: v.clone() for k, v in distiller.student.transformer.state_dict().items()}
+    distiller.train()
+    changed = {k for k, v in distiller.student.transformer.state_dict().items() if not torch.equal(v, before[k])}
+    frozen = {k for k in before if "attn2" in k or "caption" in k}
+    assert frozen and not changed & frozen
+    assert any(".attn1." in k for k in changed) and any(".ff." in k for k in changed)
+    with pytest.raises(ValueError, match="--frozen-modules: 'cross_attn' is in no student parameter name"):
+        Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "bad"), frozen_modules="cross_attn",
+                                **TINY))
+
+
 def test_logvar_min_without_a_learned_weighting_is_refused(tiny_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="--logvar-min bounds the learned weighting"):
         Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), learn_logvar=False, logvar_min=-2.0,
