@@ -47,10 +47,10 @@ world: install
 		--teacher $(WORLD_RUNS)/teacher-phase3 --weights $(WEIGHTS)
 
 # The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
-STUDENT_BANK_OPTS = --teacher weights/teacher --prompts world --seed $(SEED) --shards 8 --prompts-per-shard 256 \
-	--batch-size 32
-STUDENT_SCHEDULE_OPTS = --teacher weights/teacher --prompts world --seed $(SEED) --steps 1400 --no-learn-logvar \
-	--prior-weight uniform --cosine-decay --calm-down-start 800 --calm-down-steps 300
+STUDENT_SOURCE = --teacher weights/teacher --prompts world --seed $(SEED)
+STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards 8 --prompts-per-shard 256 --batch-size 32
+STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay \
+	--calm-down-start 800 --calm-down-steps 300
 STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
 	--dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1
 BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`

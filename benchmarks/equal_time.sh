@@ -15,7 +15,7 @@ OUT="${2:-runs/equal-time}"
 TBCM=".venv/bin/tbcm"
 read -ra BANK <<< "${STUDENT_BANK_OPTS:?is unset: run this script through make equal-time}"
 read -ra SCHEDULE <<< "${STUDENT_SCHEDULE_OPTS:?is unset: run this script through make equal-time}"
-read -ra TBCM_PAIRS <<< "${STUDENT_TBCM_OPTS:?is unset: run this script through make equal-time}"
+read -ra TBCM_OPTS <<< "${STUDENT_TBCM_OPTS:?is unset: run this script through make equal-time}"
 SCHEDULE+=(--fit-schedule-to-budget --eval-every 100 --export-eval-n 0)
 mkdir -p "$OUT"
 
@@ -25,7 +25,7 @@ tbcm_side() {
     "$TBCM" rollout "${BANK[@]}" --out "$OUT/bank"
     bank_s=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
     echo "$bank_s" > "$OUT/bank_s.txt"
-    "$TBCM" distill "${SCHEDULE[@]}" "${TBCM_PAIRS[@]}" --rollouts "$OUT/bank" \
+    "$TBCM" distill "${SCHEDULE[@]}" "${TBCM_OPTS[@]}" --rollouts "$OUT/bank" \
         --time-budget-s "$(python3 -c "print(round($BUDGET - $bank_s, 1))")" --out "$OUT/tbcm" --export "$OUT/tbcm/export"
 }
 
