@@ -115,6 +115,7 @@ class Distiller:
         self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
         self.wrapped_fake_denoiser = self.accelerator.prepare(self.fake_denoiser) if config.dmd_weight else None
         self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
+        self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
         rank = self.accelerator.process_index
         if resume and (self.out / CHECKPOINT).exists():
             check_resume_config(self.out, config)
@@ -134,11 +135,13 @@ class Distiller:
         denoiser = {"dmd_fake": self.fake_denoiser} if self.fake_denoiser is not None else {}
         return {"student": self.student, "ema": self.ema} | heads | denoiser
 
+    def _null(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's text states and mask for n prompts, on this rank's device (CFG's unconditional side)."""
+        return tuple(x.to(self.accelerator.device) for x in self.teacher.text.null(n))
+
     def _conditioning(self, prompts: list[str]):
-        text, device = self.teacher.text, self.accelerator.device
-        states, mask = text.encode(prompts)
-        null_states, null_mask = text.null(len(prompts))
-        return states.to(device), mask.to(device), null_states.to(device), null_mask.to(device)
+        states, mask = self.teacher.text.encode(prompts)
+        return states.to(self.accelerator.device), mask.to(self.accelerator.device), *self._null(len(prompts))
 
     def make_pairs(self):
         """One step's pairs, the number of prompts the degenerate filter dropped, and the rollouts' start pairs
@@ -180,11 +183,10 @@ class Distiller:
             self.accelerator.backward(config.endpoint_weight * end_loss)
             stats["endpoint"] = end_loss.item()
         if config.dmd_weight:  # L = L_sCM + dmd_weight L_DMD, likewise
-            null = tuple(x.to(starts.x_t.device) for x in self.teacher.text.null(len(starts.t)))
             with self.accelerator.autocast():
                 x0_hat = one_step(self.model, starts)
-                distribution_loss = dmd_loss(self.teacher.transformer, self.fake_denoiser, x0_hat, starts, null,
-                                             config.dmd_shift)
+                distribution_loss = dmd_loss(self.teacher.transformer, self.fake_denoiser, x0_hat, starts,
+                                             self._null(len(starts.t)), config.dmd_shift)
             self.accelerator.backward(config.dmd_weight * distribution_loss)
             stats["dmd"] = distribution_loss.item()
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
@@ -215,11 +217,14 @@ class Distiller:
 
     def budget_spent(self) -> float:
         """Training time over the time budget (0 without one), on rank 0's clock, so that every rank reads the same
-        schedule and stops at the same step."""
+        schedule and stops at the same step. The clock only moves when a step ends, so it is broadcast once per step:
+        the stop check after a step and the next step's schedule read the same value."""
         if not self.config.time_budget_s:
             return 0.0
-        clock = torch.tensor([self.counters["train_time_s"]], dtype=torch.float64, device=self.accelerator.device)
-        return broadcast(clock, from_process=0).item() / self.config.time_budget_s
+        if self._spent_at[0] != self.step:
+            clock = torch.tensor([self.counters["train_time_s"]], dtype=torch.float64, device=self.accelerator.device)
+            self._spent_at = (self.step, broadcast(clock, from_process=0).item() / self.config.time_budget_s)
+        return self._spent_at[1]
 
     def _continues(self) -> bool:
         """Whether another step runs: steps remain (unless the schedule is fitted to the budget) and budget does."""

@@ -147,10 +147,13 @@ def test_fit_schedule_to_budget_runs_the_step_schedule_over_the_time_budget(tiny
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **{**TINY, "steps": 4},
                            cosine_decay=True, warmup_steps=1, calm_down_start=1, calm_down_steps=2,
                            time_budget_s=8, fit_schedule_to_budget=True)
+    broadcasts = []
+    monkeypatch.setattr("distill.trainer.broadcast", lambda clock, from_process: broadcasts.append(clock) or clock)
     distiller = Distiller(config)
     distiller.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 9))  # the 8 s budget, not the 4 steps, ends it
+    assert len(broadcasts) == 9  # rank 0's clock is sent once before the first step and once after each
     assert [row["schedule_step"] for row in rows] == [0, 0, 1, 1, 2, 2, 3, 3]  # 4 x the share of 8 s spent
     assert [row["r"] for row in rows] == [tangent_r(p, 2, 1, 2, config.final_r) for p in [0, 0, 1, 1, 2, 2, 3, 3]]
     assert distiller.optimizer.param_groups[0]["lr"] == learning_rate(config, 4) == 0  # annealed as the budget ends
