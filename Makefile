@@ -52,7 +52,7 @@ STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards 8 --prompts-per-shard 256 --batch
 STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay \
 	--calm-down-start 800 --calm-down-steps 300
 STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
-	--dmd-weight 0.03 --dmd-fake-updates 4 --dmd-shift 1
+	--dmd-weight 0.1 --dmd-fake-updates 4 --dmd-shift 1
 BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
 EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and their evaluations
 
