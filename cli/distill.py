@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .options import add_config_options, config_from_args
+from .options import add_config_options, config_from_args, override_config
+
+EXPORT_OVERRIDES = ("export_extrapolation",)  # run options that `tbcm export` may change (unset: the run's own)
 
 
 def register(sub) -> None:
@@ -29,6 +31,7 @@ def register(sub) -> None:
     e.add_argument("--eval-n", type=int, default=0, help="images per split for the manifest's eval numbers")
     e.add_argument("--standalone", action="store_true",
                    help="copy the text encoder in (otherwise shipped-world folders name its package)")
+    add_config_options(e, DistillConfig, overrides=EXPORT_OVERRIDES)
     e.set_defaults(handler=export)
 
 
@@ -58,6 +61,6 @@ def export(args) -> None:
     from distill.export import export_student, load_student_checkpoint
 
     student, teacher, config, step, counters = load_student_checkpoint(Path(args.run))
-    path = export_student(student, teacher, config, Path(args.out), step, counters, args.eval_n,
-                          args.standalone)
+    config = override_config(config, args, EXPORT_OVERRIDES)
+    path = export_student(student, teacher, config, Path(args.out), step, counters, args.eval_n, args.standalone)
     print(f"exported {path}")

@@ -29,19 +29,22 @@ def _parser_type(annotation):
     return annotation
 
 
-def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --option per dataclass field, defaulting to the field's default."""
+def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                       overrides: tuple[str, ...] | None = None) -> None:
+    """One --option per dataclass field, defaulting to the field's default. With `overrides`, only the fields it
+    names, each unset by default, to change a config read from elsewhere (see `override_config`)."""
     comments, hints = _comments(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (overrides is not None and f.name not in overrides):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = None if overrides is not None else \
+            f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
         optional = [a for a in typing.get_args(kind) if a is not type(None)]
         if type(None) in typing.get_args(kind) and len(optional) == 1:
             kind = optional[0]  # Optional[X]: parse as X, default None
-        help_text = f"{comments.get(f.name, '')} (default: {default})"
+        help_text = f"{comments.get(f.name, '')} (default: {'unchanged' if overrides is not None else default})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -52,3 +55,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
 def config_from_args(cls, args: argparse.Namespace, **overrides):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**(values | overrides))
+
+
+def override_config(config, args: argparse.Namespace, overrides: tuple[str, ...]):
+    """`config` with each of the `overrides` fields that was set on the command line replaced."""
+    return dataclasses.replace(config, **{name: getattr(args, name) for name in overrides
+                                          if getattr(args, name) is not None})

@@ -51,6 +51,8 @@ class DistillConfig:
     frozen_modules: str = ""              # parameters named with any of these comma-separated parts stay the teacher's
                                           #   (e.g. "attn2,caption": the text pathway); "": train every one
     ema_decay: float = 0.99               # EMA of the exported student
+    export_extrapolation: float = 1.0     # export teacher + this x (EMA student - teacher) (ExPO); 1: as trained
+                                          #   (past 1 it carries the training's weight change further)
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
     checkpoint_every: int = 50            # steps between atomic checkpoints
     eval_every: int = 100                 # steps between FD/accuracy evaluations (0: off): FD-vs-time curves
@@ -64,3 +66,8 @@ class DistillConfig:
     ladd_p_mean: float = -0.6             # discriminator re-noising time: log-normal TrigFlow proposal with
     ladd_p_std: float = 1.0               #   (ladd_p_mean, ladd_p_std) (Sprint Tab. 8)
     ladd_max_time_prob: float = 0.5       # generator input t set to pi/2 with this probability (Sprint Tab. 6)
+
+    def __post_init__(self):
+        if not self.export_extrapolation > 0:  # checked here so a run cannot fail at export, after training
+            raise ValueError(f"--export-extrapolation must be > 0 (1: the student as trained), "
+                             f"got {self.export_extrapolation}")

@@ -6,6 +6,7 @@ SHA-256 of its transformer weights), the method, the full config, and eval numbe
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from models.evaluate import EvalConfig, evaluate
 from models.pipeline import Pipeline, load_pipeline, save_pipeline
 
 from .config import DistillConfig
+from .student import extrapolate_from_teacher
 
 
 def file_sha256(path: Path) -> str:
@@ -30,7 +32,11 @@ def teacher_fingerprint(teacher: Pipeline) -> dict:
 
 def export_student(student: Pipeline, teacher: Pipeline, config: DistillConfig, out: Path, step: int,
                    counters: dict, eval_n: int = 0, standalone: bool = False) -> Path:
-    """Write the folder atomically; with eval_n > 0, measure 1-step FD/accuracy on both splits first."""
+    """Write the folder atomically; with eval_n > 0, measure 1-step FD/accuracy on both splits first. The weights
+    written are config.export_extrapolation of the way from the teacher to the student (1: the student's own)."""
+    if config.export_extrapolation != 1:
+        student = dataclasses.replace(student, transformer=extrapolate_from_teacher(
+            student.transformer, teacher.transformer, config.export_extrapolation))
     manifest = {"kind": "student", "method": "tbcm" if config.pairs == "trajectory" else "scm-data",
                 "teacher": teacher_fingerprint(teacher), "step": step, "counters": counters,
                 "config": {k: v for k, v in config.__dict__.items()}, "eval": {}}

@@ -7,6 +7,8 @@ and is dropped at export.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import SanaTransformer2DModel
 from torch import nn
@@ -36,6 +38,21 @@ def student_from_teacher(teacher: SanaTransformer2DModel,
     nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.bias)
     dtype = next(teacher.parameters()).dtype
     return student if dtype == torch.float32 else student.to(dtype)
+
+
+def extrapolate_from_teacher(student: SanaTransformer2DModel, teacher: SanaTransformer2DModel,
+                             scale: float) -> SanaTransformer2DModel:
+    """A copy of the student at teacher + scale x (student - teacher); the guidance branch, which the teacher lacks,
+    is kept as trained."""
+    # theta_0 + a (theta_1 - theta_0): ExPO's model extrapolation (Zheng et al., ACL 2025, arXiv 2404.16792)
+    start = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
+    moved = copy.deepcopy(student)
+    with torch.no_grad():
+        for name, value in moved.state_dict().items():
+            if name in start:
+                origin = start[name].to(value)
+                value.copy_(origin + scale * (value - origin))
+    return moved
 
 
 def freeze(transformer: SanaTransformer2DModel, parts: str) -> None:

@@ -118,7 +118,7 @@ class Distiller:
         self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
         rank = self.accelerator.process_index
         if resume and (self.out / CHECKPOINT).exists():
-            check_resume_config(self.out, config)
+            check_resume_config(self.out, config, free=("steps", "out", "export_extrapolation"))
             meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
             self.step, self.counters = meta["step"], meta["extra"]["counters"]
             if self.accelerator.num_processes > 1:  # and every rank its own, saved beside the checkpoint

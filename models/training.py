@@ -162,13 +162,13 @@ def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: t
     return meta
 
 
-def check_resume_config(out: Path, config) -> None:
+def check_resume_config(out: Path, config, free: tuple[str, ...] = ("steps", "out")) -> None:
     """Refuse to resume a run with a different config (that would not be a continuation). A knob added since the
-    run was saved counts as its default, the value that run had."""
+    run was saved counts as its default, the value that run had. The `free` knobs may change."""
     _, meta = read_safetensors(Path(out) / CHECKPOINT)
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731 (tuples -> lists, as saved)
     saved, now = {**as_json(type(config)()), **meta["config"]}, as_json(config)
-    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("steps", "out"))
+    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in free)
     if diffs:
         raise ValueError(f"{Path(out) / CHECKPOINT}: config differs from the run being resumed in {diffs}")
 

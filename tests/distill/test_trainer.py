@@ -1,5 +1,6 @@
 """The trainer end to end on tiny configs: both pair sources, rollout shards, exact resume after SIGKILL,
 export through SanaSprintPipeline, and clear errors for bad teachers."""
+import dataclasses
 import json
 import math
 import os
@@ -231,6 +232,32 @@ def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_tea
                     complex_human_instruction=None, output_type="np").images[0]
     theirs = torch.from_numpy(theirs * 255).round()
     assert (ours.float() - theirs).abs().max() <= 1
+
+
+def test_export_extrapolation_carries_the_weight_change_past_the_student(tiny_teacher_dir, tmp_path):
+    from cli.main import main
+    from distill.student import STUDENT_TIME_PREFIX, TEACHER_TIME_PREFIX
+
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), lr=1e-2, ema_decay=0.0, **TINY)
+    Distiller(config).train()  # a large lr and the last weights exported, so the change is well above rounding
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plain")]) == 0
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "far"),
+                 "--export-extrapolation", "1.5"]) == 0
+    teacher = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v
+               for k, v in load_pipeline(tiny_teacher_dir).transformer.state_dict().items()}
+    student = load_pipeline(tmp_path / "plain").transformer.state_dict()
+    far = load_pipeline(tmp_path / "far").transformer.state_dict()
+    moved = [k for k in teacher if (student[k] - teacher[k]).abs().max() > 1e-3]
+    assert len(moved) > len(teacher) // 2  # training moved most weights well past assert_close's tolerance
+    for name, value in far.items():  # theta_0 + 1.5 (theta_1 - theta_0); the guidance branch as trained
+        expected = teacher[name] + 1.5 * (student[name] - teacher[name]) if name in teacher else student[name]
+        torch.testing.assert_close(value, expected, msg=name)
+    assert any(name not in teacher for name in far)
+    info = json.loads((tmp_path / "far" / "tbcm.json").read_text())
+    assert info["manifest"]["config"]["export_extrapolation"] == 1.5
+    Distiller(dataclasses.replace(config, steps=4, export_extrapolation=1.5), resume=True)  # an export knob only
+    with pytest.raises(ValueError, match="--export-extrapolation must be > 0"):
+        dataclasses.replace(config, export_extrapolation=0.0)
 
 
 def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_path):
