@@ -22,6 +22,11 @@ TEACHER_TIME_PREFIX = "time_embed.emb.timestep_embedder."  # AdaLayerNormSingle 
 STUDENT_TIME_PREFIX = "time_embed.timestep_embedder."      # SanaCombinedTimestepGuidanceEmbeddings (student)
 
 
+def teacher_weights_by_student_name(teacher: SanaTransformer2DModel) -> dict[str, torch.Tensor]:
+    """The teacher's state dict under the student's parameter names (only the time embedder is renamed)."""
+    return {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
+
+
 def student_from_teacher(teacher: SanaTransformer2DModel,
                          guidance_scale: float = DistillConfig.guidance_embeds_scale) -> SanaTransformer2DModel:
     """Same architecture plus the guidance embedder, which reads guidance_scale x w; every teacher weight copied,
@@ -30,8 +35,7 @@ def student_from_teacher(teacher: SanaTransformer2DModel,
         raise ValueError("the teacher already has a guidance embedding; distil from a CFG teacher")
     student = SanaTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True,
                                                   "guidance_embeds_scale": guidance_scale})
-    weights = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
-    missing, unexpected = student.load_state_dict(weights, strict=False)
+    missing, unexpected = student.load_state_dict(teacher_weights_by_student_name(teacher), strict=False)
     if unexpected or any(not k.startswith("time_embed.guidance_embedder.") for k in missing):
         raise ValueError(f"teacher -> student weight mapping failed: missing {missing}, unexpected {unexpected}")
     nn.init.zeros_(student.time_embed.guidance_embedder.linear_2.weight)
@@ -45,7 +49,7 @@ def extrapolate_from_teacher(student: SanaTransformer2DModel, teacher: SanaTrans
     """A copy of the student at teacher + scale x (student - teacher); the guidance branch, which the teacher lacks,
     is kept as trained."""
     # theta_0 + a (theta_1 - theta_0): ExPO's model extrapolation (Zheng et al., ACL 2025, arXiv 2404.16792)
-    start = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v for k, v in teacher.state_dict().items()}
+    start = teacher_weights_by_student_name(teacher)
     moved = copy.deepcopy(student)
     with torch.no_grad():
         for name, value in moved.state_dict().items():

@@ -24,7 +24,7 @@ from models.acceleration import maybe_install_kernels
 from models.evaluate import EvalConfig, evaluate, save_grid
 from models.generator import Generator
 from models.pipeline import Pipeline, load_pipeline
-from models.training import CHECKPOINT, RunLog, check_resume_config, ema_update, learning_rate, \
+from models.training import CHECKPOINT, RESUME_MAY_CHANGE, RunLog, check_resume_config, ema_update, learning_rate, \
     load_checkpoint, load_rank_rng, prune_rank_rng, save_checkpoint, save_rank_rng, truncate_log
 
 from .config import DistillConfig
@@ -118,7 +118,7 @@ class Distiller:
         self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
         rank = self.accelerator.process_index
         if resume and (self.out / CHECKPOINT).exists():
-            check_resume_config(self.out, config, free=("steps", "out", "export_extrapolation"))
+            check_resume_config(self.out, config, free=(*RESUME_MAY_CHANGE, "export_extrapolation"))
             meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
             self.step, self.counters = meta["step"], meta["extra"]["counters"]
             if self.accelerator.num_processes > 1:  # and every rank its own, saved beside the checkpoint

@@ -162,7 +162,10 @@ def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: t
     return meta
 
 
-def check_resume_config(out: Path, config, free: tuple[str, ...] = ("steps", "out")) -> None:
+RESUME_MAY_CHANGE = ("steps", "out")  # config knobs a resumed run may change (extend it, move its folder)
+
+
+def check_resume_config(out: Path, config, free: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
     """Refuse to resume a run with a different config (that would not be a continuation). A knob added since the
     run was saved counts as its default, the value that run had. The `free` knobs may change."""
     _, meta = read_safetensors(Path(out) / CHECKPOINT)

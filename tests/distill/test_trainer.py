@@ -236,15 +236,14 @@ def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_tea
 
 def test_export_extrapolation_carries_the_weight_change_past_the_student(tiny_teacher_dir, tmp_path):
     from cli.main import main
-    from distill.student import STUDENT_TIME_PREFIX, TEACHER_TIME_PREFIX
+    from distill.student import teacher_weights_by_student_name
 
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), lr=1e-2, ema_decay=0.0, **TINY)
     Distiller(config).train()  # a large lr and the last weights exported, so the change is well above rounding
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "plain")]) == 0
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "far"),
                  "--export-extrapolation", "1.5"]) == 0
-    teacher = {k.replace(TEACHER_TIME_PREFIX, STUDENT_TIME_PREFIX): v
-               for k, v in load_pipeline(tiny_teacher_dir).transformer.state_dict().items()}
+    teacher = teacher_weights_by_student_name(load_pipeline(tiny_teacher_dir).transformer)
     student = load_pipeline(tmp_path / "plain").transformer.state_dict()
     far = load_pipeline(tmp_path / "far").transformer.state_dict()
     moved = [k for k in teacher if (student[k] - teacher[k]).abs().max() > 1e-3]
