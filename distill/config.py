@@ -68,6 +68,23 @@ class DistillConfig:
     ladd_max_time_prob: float = 0.5       # generator input t set to pi/2 with this probability (Sprint Tab. 6)
 
     def __post_init__(self):
-        if not self.export_extrapolation > 0:  # checked here so a run cannot fail at export, after training
+        """Refuse a bad combination when the config is built: before any rollout, and never after training."""
+        if self.pairs not in ("trajectory", "data"):
+            raise ValueError(f"--pairs must be 'trajectory' or 'data', got {self.pairs!r}")
+        if self.logvar_min is not None and not self.learn_logvar:
+            raise ValueError("--logvar-min bounds the learned weighting: drop it or drop --no-learn-logvar")
+        if self.pairs == "data" and self.prompts != "world":
+            raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
+        if self.renoised_per_trajectory < 0 or (self.renoised_per_trajectory and self.pairs == "data"):
+            raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
+                             f"trajectory endpoints), got {self.renoised_per_trajectory}")
+        for knob in ("endpoint_weight", "dmd_weight"):  # both act on the one-step samples of the rollouts' noise
+            if getattr(self, knob) < 0 or (getattr(self, knob) and self.pairs == "data"):
+                raise ValueError(f"--{knob.replace('_', '-')} must be >= 0, and 0 with --pairs data (it needs each "
+                                 f"rollout's start noise), got {getattr(self, knob)}")
+        if self.fit_schedule_to_budget and self.time_budget_s <= 0:
+            raise ValueError("--fit-schedule-to-budget runs the schedule over the time budget: give --time-budget-s "
+                             f"> 0, got {self.time_budget_s}")
+        if not self.export_extrapolation > 0:
             raise ValueError(f"--export-extrapolation must be > 0 (1: the student as trained), "
                              f"got {self.export_extrapolation}")
