@@ -272,3 +272,13 @@ def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_p
         Distiller(DistillConfig(teacher=str(broken), out=str(tmp_path / "run")))
     with pytest.raises(ValueError, match="pairs"):
         Distiller(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), pairs="images"))
+
+
+def test_the_cli_names_a_bad_knob_combination_before_any_work(tmp_path, capsys):
+    from cli.main import main
+
+    missing_teacher, out = tmp_path / "no-teacher", tmp_path / "run"  # refused before the teacher is even looked for
+    assert main(["distill", "--teacher", str(missing_teacher), "--pairs", "data", "--dmd-weight", "0.1",
+                 "--out", str(out)]) == 2
+    assert "tbcm distill: error: --dmd-weight must be >= 0, and 0 with --pairs data" in capsys.readouterr().err
+    assert not out.exists()
