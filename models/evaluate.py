@@ -30,6 +30,7 @@ class EvalConfig:
     model: str = "teacher"          # pipeline folder, shipped name (teacher, student), or "real"
     steps: int | None = None        # sampling steps (default: 1 for students, 16 for teachers)
     guidance: float = DEFAULT_GUIDANCE  # CFG scale (teachers) or embedded guidance (students)
+    intermediate_times: tuple = ()  # student times between pi/2 and 0 (steps - 1, e.g. 0.9 at 2 steps); (): Sprint's
     prompts: str = "train"          # "train" or "heldout" attribute combinations
     n: int = 512                    # images generated and real reference images
     batch_size: int = 64            # images per generator call
@@ -70,7 +71,7 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
         images = real_images(scenes, size)
         result |= {"nfe": 0, "images_per_s": None, "steps": 0}
     else:
-        generator = Generator(pipeline or load_pipeline(config.model))
+        generator = Generator(pipeline or load_pipeline(config.model), intermediate_times=config.intermediate_times)
         steps = config.steps or generator.default_steps
         generator.generate([scenes[0].caption], [0], steps, config.guidance)  # warm-up, not timed
         chunks, elapsed = [], 0.0

@@ -15,7 +15,7 @@ from kernels.cuda_graphs import CudaGraphRunner, batch_chunks, pad_batch
 
 from .acceleration import maybe_install_kernels
 from .pipeline import Pipeline
-from .sampling import cfg_flow_model, flow_model, sample_consistency, sample_trigflow, seeded_noise, \
+from .sampling import cfg_flow_model, cm_times, flow_model, sample_consistency, sample_trigflow, seeded_noise, \
     teacher_sigmas, to_uint8
 
 DEFAULT_GUIDANCE = 4.5  # Sana-Sprint's default embedded guidance and the middle of TBCM's {4, 4.5, 5}
@@ -36,9 +36,11 @@ class Generator:
     graphs when CUDA is present, the same padded chunks eagerly otherwise); Triton kernels are installed behind
     `use_kernels` (default: on with CUDA)."""
 
-    def __init__(self, pipe: Pipeline, microbatch: int = 4, use_kernels: bool | None = None):
+    def __init__(self, pipe: Pipeline, microbatch: int = 4, use_kernels: bool | None = None,
+                 intermediate_times: tuple[float, ...] = ()):
         self.pipe = pipe
         self.microbatch = microbatch
+        self.intermediate_times = tuple(intermediate_times)  # students' multistep times; (): Sprint's defaults
         self.device = next(pipe.transformer.parameters()).device
         self.dtype = next(pipe.transformer.parameters()).dtype
         self.kernels_installed = maybe_install_kernels(pipe.transformer, use_kernels)
@@ -59,6 +61,8 @@ class Generator:
             raise ValueError(f"steps must be between 1 and {self.max_steps} for this model, got {steps}")
         if size % self.pipe.vae_factor or size < self.pipe.vae_factor:
             raise ValueError(f"size must be a positive multiple of {self.pipe.vae_factor}, got {size}")
+        if self.intermediate_times and self.pipe.is_student:
+            cm_times(steps, self.intermediate_times)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -87,7 +91,7 @@ class Generator:
             velocity = self._velocity(*padded[1:])
             if self.pipe.is_student:
                 gens = generators[start:stop] + [torch.Generator()] * (rows - (stop - start))
-                x0 = sample_consistency(velocity, padded[0], gens, steps)
+                x0 = sample_consistency(velocity, padded[0], gens, steps, self.intermediate_times)
             else:
                 x0 = sample_trigflow(velocity, padded[0], teacher_sigmas(steps, self.pipe.flow_shift))
             chunks.append(x0[: stop - start])

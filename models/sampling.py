@@ -85,18 +85,23 @@ def sample_trigflow(velocity, noise: torch.Tensor, sigmas: torch.Tensor) -> torc
     return x0
 
 
-def cm_times(steps: int) -> list[float]:
+def cm_times(steps: int, intermediate: tuple[float, ...] = ()) -> list[float]:
+    """pi/2, the times between (`intermediate`, or Sprint's for this step count when empty), then 0."""
     if steps not in CM_INTERMEDIATE_TIMES:
         raise ValueError(f"steps must be one of {sorted(CM_INTERMEDIATE_TIMES)}, got {steps}")
-    return [T_MAX, *CM_INTERMEDIATE_TIMES[steps], 0.0]
+    times = [T_MAX, *(intermediate or CM_INTERMEDIATE_TIMES[steps]), 0.0]
+    if len(times) != steps + 1 or not all(a > b for a, b in zip(times, times[1:])):
+        raise ValueError(f"intermediate_times must be {steps - 1} decreasing times in (0, pi/2) for {steps} steps, "
+                         f"got {tuple(intermediate)}")
+    return times
 
 
 @torch.no_grad()
 def sample_consistency(velocity, noise: torch.Tensor, generators: list[torch.Generator],
-                       steps: int) -> torch.Tensor:
+                       steps: int, intermediate: tuple[float, ...] = ()) -> torch.Tensor:
     """Multistep consistency sampling: x0 = f(x_t, t), then re-noise to the next time with fresh per-image noise
     (sCM Alg. 1; diffusers SCMScheduler.step)."""
-    times = cm_times(steps)
+    times = cm_times(steps, intermediate)
     x = noise * SIGMA_DATA
     for t, t_next in zip(times[:-1], times[1:]):
         tt = torch.full((len(x),), t, dtype=x.dtype)

@@ -106,6 +106,10 @@ def test_check_names_the_field(student_pipe, teacher_pipe):
         with pytest.raises(ValueError, match="size"):
             student.generate([TARGET], [0], steps=1, size=size)
     assert student.default_steps == 1 and teacher.default_steps == 16
+    timed = Generator(student_pipe, intermediate_times=(0.9,))
+    timed.check(2, 16)
+    with pytest.raises(ValueError, match="intermediate_times must be 2 decreasing times"):
+        timed.generate([TARGET], [0], steps=3)
 
 
 def test_sizes_and_timings(student_pipe):

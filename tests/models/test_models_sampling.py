@@ -8,7 +8,8 @@ import torch
 from models.sampling import (CM_INTERMEDIATE_TIMES, cfg_flow_model, cm_times, flow_model, sample_consistency,
                              sample_flow_euler, sample_trigflow, seeded_noise, teacher_sigmas, to_uint8,
                              trigflow_trajectory)
-from models.trigflow import SIGMA_DATA, T_MAX, flow_sigmas, reference_route, renoise, trig_time
+from models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_sigmas, reference_route, renoise, trig_time,
+                             trigflow_from_flow)
 
 PROMPTS = ["a small red circle on the left", "a big blue box at the top", "there is a tiny green cross"]
 SAMPLER_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -129,6 +130,10 @@ def test_cm_times():
     assert cm_times(2) == [math.pi / 2, 1.3, 0.0]  # Sana-Sprint release / diffusers default
     assert cm_times(4) == [math.pi / 2, 1.3, 1.1, 0.6, 0.0]  # Sprint Tab. 7
     assert sorted(CM_INTERMEDIATE_TIMES) == [1, 2, 3, 4]
+    assert cm_times(2, (0.9,)) == [math.pi / 2, 0.9, 0.0] and cm_times(3, (1.2, 0.4)) == [math.pi / 2, 1.2, 0.4, 0.0]
+    for steps, bad in ((2, (0.9, 0.5)), (1, (0.9,)), (3, (0.4, 1.2)), (2, (1.6,)), (2, (0.0,)), (3, (0.9, 0.9))):
+        with pytest.raises(ValueError, match="intermediate_times must be"):
+            cm_times(steps, bad)
 
 
 def test_seeded_noise_is_per_seed():
@@ -155,6 +160,26 @@ def test_consistency_sampler_one_step_is_the_x0_prediction(student_pipe):
     with torch.no_grad():  # at t = pi/2: s = 1, k = 1, x_fm = noise, F = v - noise, x0 = -sigma_d F / sigma_d
         v = velocity(noise, torch.ones(3))
     torch.testing.assert_close(x0, noise - v, atol=1e-5, rtol=1e-5)
+
+
+def test_consistency_sampler_follows_the_intermediate_times(student_pipe):
+    states, mask = student_pipe.text.encode(PROMPTS)
+    velocity = flow_model(student_pipe.transformer, states, mask, guidance=torch.full((3,), 0.45))
+
+    def sample(*intermediate):
+        noise, gens = seeded_noise([1, 2, 3], (4, 4, 4))
+        return sample_consistency(velocity, noise, gens, 2, intermediate)
+    torch.testing.assert_close(sample(1.3), sample(), atol=0, rtol=0)  # Sprint's time is the default
+    assert not torch.allclose(sample(0.9), sample(), atol=1e-3)
+    noise, gens = seeded_noise([1, 2, 3], (4, 4, 4))  # by hand: x0 at pi/2, re-noised to 0.9, x0 there
+    with torch.no_grad():
+        first = consistency_x0(noise * SIGMA_DATA, SIGMA_DATA * trigflow_from_flow(velocity, noise, torch.full(
+            (3,), T_MAX)), torch.full((3,), T_MAX))
+        fresh = torch.stack([torch.randn((4, 4, 4), generator=g) for g in gens])
+        x = renoise(first, SIGMA_DATA * fresh, torch.full((3,), 0.9))
+        t = torch.full((3,), 0.9)
+        second = consistency_x0(x, SIGMA_DATA * trigflow_from_flow(velocity, x / SIGMA_DATA, t), t) / SIGMA_DATA
+    torch.testing.assert_close(sample(0.9), second, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("steps", [2, 4])
