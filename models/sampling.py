@@ -91,7 +91,7 @@ def cm_times(steps: int, intermediate: tuple[float, ...] = ()) -> list[float]:
         raise ValueError(f"steps must be one of {sorted(CM_INTERMEDIATE_TIMES)}, got {steps}")
     times = [T_MAX, *(intermediate or CM_INTERMEDIATE_TIMES[steps]), 0.0]
     if len(times) != steps + 1 or not all(a > b for a, b in zip(times, times[1:])):
-        raise ValueError(f"intermediate_times must be {steps - 1} decreasing times in (0, pi/2) for {steps} steps, "
+        raise ValueError(f"intermediate_times must hold steps - 1 = {steps - 1} decreasing times in (0, pi/2), "
                          f"got {tuple(intermediate)}")
     return times
 

@@ -108,7 +108,7 @@ def test_check_names_the_field(student_pipe, teacher_pipe):
     assert student.default_steps == 1 and teacher.default_steps == 16
     timed = Generator(student_pipe, intermediate_times=(0.9,))
     timed.check(2, 16)
-    with pytest.raises(ValueError, match="intermediate_times must be 2 decreasing times"):
+    with pytest.raises(ValueError, match=r"intermediate_times must hold steps - 1 = 2 decreasing"):
         timed.generate([TARGET], [0], steps=3)
 
 

@@ -132,7 +132,7 @@ def test_cm_times():
     assert sorted(CM_INTERMEDIATE_TIMES) == [1, 2, 3, 4]
     assert cm_times(2, (0.9,)) == [math.pi / 2, 0.9, 0.0] and cm_times(3, (1.2, 0.4)) == [math.pi / 2, 1.2, 0.4, 0.0]
     for steps, bad in ((2, (0.9, 0.5)), (1, (0.9,)), (3, (0.4, 1.2)), (2, (1.6,)), (2, (0.0,)), (3, (0.9, 0.9))):
-        with pytest.raises(ValueError, match="intermediate_times must be"):
+        with pytest.raises(ValueError, match="intermediate_times must hold"):
             cm_times(steps, bad)
 
 
