@@ -61,7 +61,9 @@ class Generator:
             raise ValueError(f"steps must be between 1 and {self.max_steps} for this model, got {steps}")
         if size % self.pipe.vae_factor or size < self.pipe.vae_factor:
             raise ValueError(f"size must be a positive multiple of {self.pipe.vae_factor}, got {size}")
-        if self.intermediate_times and self.pipe.is_student:
+        if self.intermediate_times and not self.pipe.is_student:
+            raise ValueError("intermediate_times are a student's sampling times; this model is a flow teacher")
+        if self.intermediate_times:
             cm_times(steps, self.intermediate_times)
 
     def _sync(self) -> None:

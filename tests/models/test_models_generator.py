@@ -110,6 +110,8 @@ def test_check_names_the_field(student_pipe, teacher_pipe):
     timed.check(2, 16)
     with pytest.raises(ValueError, match=r"intermediate_times must hold steps - 1 = 2 decreasing"):
         timed.generate([TARGET], [0], steps=3)
+    with pytest.raises(ValueError, match="intermediate_times are a student's sampling times"):
+        Generator(teacher_pipe, intermediate_times=(0.9,)).generate([TARGET], [0], steps=2)
 
 
 def test_sizes_and_timings(student_pipe):
