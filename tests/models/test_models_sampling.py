@@ -1,6 +1,8 @@
 """Samplers: flow-Euler and TrigFlow agree on the tiny teacher with CFG; recorded trajectories; CM times; per-seed noise."""
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +119,23 @@ def test_trajectory_matches_a_hand_written_ddim_loop(teacher_velocity):
         torch.testing.assert_close(states[k], x, atol=1e-12, rtol=0)
         x = math.cos(t - t_next) * x - math.sin(t - t_next) * vels[k]
     torch.testing.assert_close(out, x / SIGMA_DATA, atol=1e-12, rtol=0)
+
+
+def test_the_probes_stochastic_teacher_sampler_is_the_teachers_own_at_c_1(teacher_velocity):
+    """benchmarks/probe_teacher_limits.py: keeping all of the predicted noise is the deterministic DDIM sampler."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_teacher_limits.py"
+    spec = importlib.util.spec_from_file_location("probe_teacher_limits", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    velocity = teacher_velocity(torch.float64)
+    noise = seeded_noise([1, 2, 3], (4, 4, 4))[0].double()
+    sigmas = teacher_sigmas(4, 2.5)
+    deterministic = sample_trigflow(velocity, noise, sigmas)
+    torch.testing.assert_close(probe.stochastic_sampler(1.0, 0)(velocity, noise, sigmas), deterministic,
+                               atol=1e-10, rtol=0)
+    half = probe.stochastic_sampler(0.5, 0)(velocity, noise, sigmas)
+    torch.testing.assert_close(probe.stochastic_sampler(0.5, 0)(velocity, noise, sigmas), half, atol=0, rtol=0)
+    assert (half - deterministic).abs().max() > 0.01  # fresh noise enters below c = 1
 
 
 def test_cm_times():
