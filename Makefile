@@ -43,8 +43,12 @@ world: install
 	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 1) --dataset-size 12000 --vae $(WORLD_RUNS)/vae \
 		--out $(WORLD_RUNS)/teacher-phase3 --init-from $(WORLD_RUNS)/teacher-annealed/transformer --steps 2000 \
 		--lr 2e-4 --warmup-steps 100 --cosine-decay
+	# fourth phase: 12000 scenes of a third fresh draw, 4000 steps at a peak lr of 1e-4, annealed
+	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 2) --dataset-size 12000 --vae $(WORLD_RUNS)/vae \
+		--out $(WORLD_RUNS)/teacher-phase4 --init-from $(WORLD_RUNS)/teacher-phase3/transformer --steps 4000 \
+		--lr 1e-4 --warmup-steps 100 --cosine-decay
 	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
-		--teacher $(WORLD_RUNS)/teacher-phase3 --weights $(WEIGHTS)
+		--teacher $(WORLD_RUNS)/teacher-phase4 --weights $(WEIGHTS)
 
 # The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
 STUDENT_SOURCE = --teacher weights/teacher --prompts world --seed $(SEED)
