@@ -5,13 +5,18 @@
 - the teacher with stochastic sampling. Each step keeps a fraction c of the predicted noise and replaces the rest
   with fresh noise (DDIM-eta in TrigFlow time): c = 1 is the teacher's own deterministic sampler, c = 0 a fully
   ancestral one. If some c < 1 lowered the teacher's FD, rollouts made that way could feed TBCM better endpoints.
+- the teacher with its CFG limited to flow sigma <= g (the guidance interval; `tbcm distill --guidance-max-sigma`
+  rolls out that way), and conditioned alone above g.
 
     python benchmarks/probe_teacher_limits.py --keep 1,0.8,0.5,0 --prompts train --n 1024 --seed 2 \
         --json docs/results/teacher-limits-probe-seed2.json
+    python benchmarks/probe_teacher_limits.py --keep 1 --guidance-max-sigma 0.6,0.5,0.4,0.3 --prompts SPLIT \
+        --n 1024 --seed 2 --json docs/results/teacher-guidance-interval-probe-SPLIT-seed2.json
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -71,6 +76,7 @@ def reconstruction_floor(model: str, prompts: str, n: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", default="1,0.8,0.5,0", help="fractions c of the predicted noise kept per step")
+    parser.add_argument("--guidance-max-sigma", default="", help="limits g < 1 of the CFG interval, deterministic")
     parser.add_argument("--model", default="teacher")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--prompts", default="train")
@@ -78,19 +84,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    keys = ("fd", "accuracy", "accuracy_per_attribute")
-    real = evaluate(EvalConfig(model="real", prompts=args.prompts, n=args.n, seed=args.seed))
-    rows = [{"images": "real", **{k: real[k] for k in keys}},
+
+    def measured(**model) -> dict:
+        result = evaluate(EvalConfig(**model, prompts=args.prompts, n=args.n, seed=args.seed))
+        return {k: result[k] for k in ("fd", "accuracy", "accuracy_per_attribute")}
+    rows = [{"images": "real", **measured(model="real")},
             {"images": "VAE reconstruction", **reconstruction_floor(args.model, args.prompts, args.n, args.seed)}]
-    deterministic = models.generator.sample_trigflow
+    deterministic, guided_everywhere = models.generator.sample_trigflow, models.generator.cfg_flow_model
     for keep in (float(k) for k in args.keep.split(",")):
         if not 0 <= keep <= 1:
             raise SystemExit(f"--keep: each fraction must be in [0, 1], got {keep}")
         models.generator.sample_trigflow = deterministic if keep == 1 else stochastic_sampler(keep, args.seed)
-        result = evaluate(EvalConfig(model=args.model, steps=args.steps, prompts=args.prompts, n=args.n,
-                                     seed=args.seed))
-        rows.append({"images": f"{args.model}, c = {keep}", "keep": keep, **{k: result[k] for k in keys}})
+        rows.append({"images": f"{args.model}, c = {keep}", "keep": keep,
+                     **measured(model=args.model, steps=args.steps)})
     models.generator.sample_trigflow = deterministic
+    for limit in (float(g) for g in filter(None, args.guidance_max_sigma.split(","))):
+        if not 0 < limit < 1:
+            raise SystemExit(f"--guidance-max-sigma: each limit must be in (0, 1), got {limit}")
+        models.generator.cfg_flow_model = functools.partial(guided_everywhere, guidance_max_sigma=limit)
+        rows.append({"images": f"{args.model}, CFG at sigma <= {limit}", "guidance_max_sigma": limit,
+                     **measured(model=args.model, steps=args.steps)})
+    models.generator.cfg_flow_model = guided_everywhere
     print(f"\n{args.prompts}, n = {args.n}, seed {args.seed}")
     for row in rows:
         print(f"{row['images']:<24} FD {row['fd']:7.2f}  accuracy {row['accuracy']:.3f}")

@@ -31,6 +31,8 @@ class DistillConfig:
     time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
     guidance_embeds_scale: float = 0.1    # the student's guidance embedder reads this x the CFG scale (Sprint: 0.1)
+    guidance_max_sigma: float = 1.0       # the teacher's CFG acts only at flow sigma <= this, conditioned alone
+                                          #   above (guidance interval); 1: everywhere (rollouts, pairs, DMD)
     p_mean: float = -0.8                  # log-normal TrigFlow proposal tan t = e^tau / sigma_d, tau ~ N(p_mean,
     p_std: float = 1.6                    #   p_std^2): data pairs and --time-sampling lognormal (sCM App. G)
     lr: float = 1e-4                      # AdamW learning rate (after warm-up)
@@ -88,3 +90,6 @@ class DistillConfig:
         if not self.export_extrapolation > 0:
             raise ValueError(f"--export-extrapolation must be > 0 (1: the student as trained), "
                              f"got {self.export_extrapolation}")
+        if not 0 < self.guidance_max_sigma <= 1:
+            raise ValueError(f"--guidance-max-sigma is a flow sigma in (0, 1] (1: CFG at every step), "
+                             f"got {self.guidance_max_sigma}")

@@ -31,22 +31,23 @@ def dmd_times(n: int, shift: float) -> torch.Tensor:
     return trig_time(flow_shift(torch.rand(n), shift)).clamp(min=1e-3, max=T_MAX - 1e-4)
 
 
-def denoiser_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, batch: Pairs, null=None) -> torch.Tensor:
+def denoiser_velocity(transformer, x_t: torch.Tensor, t: torch.Tensor, batch: Pairs, null=None,
+                      guidance_max_sigma: float = 1.0) -> torch.Tensor:
     """F(x_t / sigma_d, t) of a flow transformer, conditioned on the batch's captions; with null = (states, mask)
-    of the empty caption, CFG at the batch's scales."""
-    velocity = cfg_flow_model(transformer, batch.states, batch.mask, *null, batch.guidance) if null else \
-        flow_model(transformer, batch.states, batch.mask)
+    of the empty caption, CFG at the batch's scales (within `guidance_max_sigma`)."""
+    velocity = (cfg_flow_model(transformer, batch.states, batch.mask, *null, batch.guidance, guidance_max_sigma)
+                if null else flow_model(transformer, batch.states, batch.mask))
     return trigflow_from_flow(velocity, x_t / SIGMA_DATA, t.to(x_t.dtype))
 
 
 def dmd_loss(teacher: SanaTransformer2DModel, fake: SanaTransformer2DModel, x0_hat: torch.Tensor, starts: Pairs,
-             null, shift: float) -> torch.Tensor:
+             null, shift: float, guidance_max_sigma: float = 1.0) -> torch.Tensor:
     """A loss whose gradient on x̂0 is (D_fake - D_real)(x_s) / mean|x̂0 - D_real(x_s)| per sample, divided by the
     element count (DMD eq. 7 with DMD2's normalisation); x_s = cos s x̂0 + sin s z (sCM eq. 3)."""
     s = dmd_times(len(x0_hat), shift).to(x0_hat.device)
     with torch.no_grad():
         x_s = renoise(x0_hat.detach(), SIGMA_DATA * torch.randn_like(x0_hat), s)
-        real = consistency_x0(x_s, SIGMA_DATA * denoiser_velocity(teacher, x_s, s, starts, null), s)
+        real = consistency_x0(x_s, SIGMA_DATA * denoiser_velocity(teacher, x_s, s, starts, null, guidance_max_sigma), s)
         fake_x0 = consistency_x0(x_s, SIGMA_DATA * denoiser_velocity(fake, x_s, s, starts), s)
         scale = (x0_hat.detach() - real).abs().flatten(1).mean(1).clamp(min=1e-5)
         gradient = (fake_x0 - real) / as_column(scale, x0_hat)

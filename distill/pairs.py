@@ -71,7 +71,8 @@ def rollout(teacher: Pipeline, states, mask, null_states, null_mask, config: Dis
     guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(n)], dtype=torch.float32)
     route = reference_route(config.route_points, teacher.flow_shift)
     times = trajectory_times(n, route, config.time_sampling, config.p_mean, config.p_std)
-    velocity = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance)
+    velocity = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance,
+                              config.guidance_max_sigma)
     side = teacher.transformer.config.sample_size
     noise = torch.randn(n, teacher.latent_channels, side, side)
     x0, xs, vs = trigflow_trajectory(velocity, noise, times, record=True)
@@ -109,7 +110,8 @@ def noised_pairs(teacher: Pipeline, x0, states, mask, null_states, null_mask, gu
     (one teacher call with CFG per pair)."""
     t = lognormal_times(len(x0), config.p_mean, config.p_std).clamp(min=1e-3, max=T_MAX - 1e-4)
     x_t = renoise(x0, SIGMA_DATA * torch.randn_like(x0), t)
-    flow = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance)
+    flow = cfg_flow_model(teacher.transformer, states, mask, null_states, null_mask, guidance,
+                          config.guidance_max_sigma)
     velocity = SIGMA_DATA * trigflow_from_flow(flow, x_t / SIGMA_DATA, t)
     return Pairs(x_t, t, velocity, states, mask, guidance, weight, x0)
 

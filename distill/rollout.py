@@ -57,7 +57,8 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
         atomic_write_safetensors(tensors, path, {"prompts": chosen, "teacher": str(config.teacher),
                                                  "teacher_sha256": teacher_sha256,
                                                  "route_points": config.route_points,
-                                                 "time_sampling": config.time_sampling})
+                                                 "time_sampling": config.time_sampling,
+                                                 "guidance_max_sigma": config.guidance_max_sigma})
         written.append(path)
     return written
 
@@ -65,7 +66,7 @@ def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Pa
 class RolloutShards:
     """Random access to precomputed rollouts: `sample(n)` draws n stored trajectories (Python's RNG). Every shard
     must have been rolled out by the run's teacher (its transformer's SHA-256) with the run's route (`route_points`,
-    `time_sampling`), which its header records."""
+    `time_sampling`) and guidance interval (`guidance_max_sigma`), which its header records."""
 
     def __init__(self, folder: str | Path, config: DistillConfig, teacher_sha256: dict[str, str]):
         paths = sorted(Path(folder).glob(SHARD_GLOB))
@@ -73,7 +74,8 @@ class RolloutShards:
             raise FileNotFoundError(f"--rollouts {folder}: no {SHARD_GLOB} files (make them with `tbcm rollout`)")
         loaded = [read_safetensors(p) for p in paths]
         for path, (_, meta) in zip(paths, loaded):
-            for knob in ("route_points", "time_sampling"):
+            meta = {"guidance_max_sigma": 1.0} | meta  # shards written before the knob were guided everywhere
+            for knob in ("route_points", "time_sampling", "guidance_max_sigma"):
                 if meta.get(knob) != getattr(config, knob):
                     raise ValueError(f"--rollouts {path}: rolled out with {knob} = {meta.get(knob)!r}, but this run "
                                      f"has --{knob.replace('_', '-')} {getattr(config, knob)!r}; pass the shards' "

@@ -170,7 +170,7 @@ class Distiller:
             with self.accelerator.autocast():
                 x0_hat = one_step(self.model, starts)
                 distribution_loss = dmd_loss(self.teacher.transformer, self.fake_denoiser, x0_hat, starts,
-                                             self._null(len(starts.t)), config.dmd_shift)
+                                             self._null(len(starts.t)), config.dmd_shift, config.guidance_max_sigma)
             self.accelerator.backward(config.dmd_weight * distribution_loss)
             stats["dmd"] = distribution_loss.item()
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward

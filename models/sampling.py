@@ -28,19 +28,24 @@ def flow_model(transformer, states, mask, guidance: torch.Tensor | None = None):
     return v
 
 
-def cfg_flow_model(transformer, states, mask, null_states, null_mask, scale: torch.Tensor):
+def cfg_flow_model(transformer, states, mask, null_states, null_mask, scale: torch.Tensor,
+                   guidance_max_sigma: float = 1.0):
     """Classifier-free guidance v = v_null + w (v_cond - v_null), both halves in one batch (Ho & Salimans eq. 6).
 
-    `scale` has shape (B,): each prompt may have its own guidance scale.
+    `scale` has shape (B,): each prompt may have its own guidance scale. Below 1, `guidance_max_sigma` limits
+    guidance to flow times s <= it (the guidance interval of Kynkaanniemi et al. 2024): above it a sample gets
+    the conditional velocity alone (w = 1), and its unconditional half is not computed.
     """
-    both_states, both_mask = torch.cat([states, null_states]), torch.cat([mask, null_mask])
-    w = scale.view(-1, 1, 1, 1)
+    limited = guidance_max_sigma < 1
 
     def v(x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        out = transformer(torch.cat([x_s, x_s]), encoder_hidden_states=both_states,
-                          encoder_attention_mask=both_mask, timestep=torch.cat([s, s]), return_dict=False)[0]
-        cond, null = out.chunk(2)
-        return null + w.to(out.dtype) * (cond - null)
+        rows = (s <= guidance_max_sigma).nonzero().squeeze(1) if limited else slice(None)
+        out = transformer(torch.cat([x_s, x_s[rows]]), encoder_hidden_states=torch.cat([states, null_states[rows]]),
+                          encoder_attention_mask=torch.cat([mask, null_mask[rows]]), timestep=torch.cat([s, s[rows]]),
+                          return_dict=False)[0]
+        cond, null = out[:len(x_s)], out[len(x_s):]
+        guided = null + scale.to(out.device)[rows].view(-1, 1, 1, 1).to(out.dtype) * (cond[rows] - null)
+        return guided if not limited else cond.index_copy(0, rows, guided)
     return v
 
 

@@ -173,6 +173,10 @@ def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="rollouts-00000.safetensors: rolled out with route_points = 4"):
         Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"), "route_points": 8,
                                    "out": str(tmp_path / "other")}))
+    with pytest.raises(ValueError, match="rolled out with guidance_max_sigma = 1.0, but this run has "
+                                         "--guidance-max-sigma 0.5"):
+        Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"), "guidance_max_sigma": 0.5,
+                                   "out": str(tmp_path / "other")}))
     other_teacher = make_tiny_pipeline(tmp_path / "other-teacher", student=False, seed=3)
     with pytest.raises(ValueError, match="rollouts-00000.safetensors: rolled out by another teacher"):
         Distiller(DistillConfig(**{**config.__dict__, "rollouts": str(tmp_path / "shards"),
@@ -257,6 +261,8 @@ def test_export_extrapolation_carries_the_weight_change_past_the_student(tiny_te
     Distiller(dataclasses.replace(config, steps=4, export_extrapolation=1.5), resume=True)  # an export knob only
     with pytest.raises(ValueError, match="--export-extrapolation must be > 0"):
         dataclasses.replace(config, export_extrapolation=0.0)
+    with pytest.raises(ValueError, match=r"--guidance-max-sigma is a flow sigma in \(0, 1\]"):
+        dataclasses.replace(config, guidance_max_sigma=0.0)
 
 
 def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_path):

@@ -18,10 +18,15 @@ SAMPLER_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
 
 
 @pytest.fixture(scope="module")
-def teacher_velocity(teacher_pipe):
+def captions(teacher_pipe):
+    """The tiny teacher's encoder states and masks of PROMPTS, then of as many empty captions (CFG's null)."""
+    return (*teacher_pipe.text.encode(PROMPTS), *teacher_pipe.text.null(len(PROMPTS)))
+
+
+@pytest.fixture(scope="module")
+def teacher_velocity(teacher_pipe, captions):
     """CFG velocity of the tiny teacher per dtype, with one guidance scale per prompt."""
-    states, mask = teacher_pipe.text.encode(PROMPTS)
-    null_states, null_mask = teacher_pipe.text.null(len(PROMPTS))
+    states, mask, null_states, null_mask = captions
 
     def make(dtype):
         transformer = teacher_pipe.transformer if dtype == torch.float32 else \
@@ -45,10 +50,9 @@ def test_flow_euler_and_trigflow_samplers_agree(teacher_velocity, dtype, steps):
     assert (flow - noise).abs().max() > 0.1  # the sampler did move the state
 
 
-def test_cfg_flow_model_matches_two_separate_calls(teacher_pipe):
+def test_cfg_flow_model_matches_two_separate_calls(teacher_pipe, captions):
     transformer = teacher_pipe.transformer
-    states, mask = teacher_pipe.text.encode(PROMPTS)
-    null_states, null_mask = teacher_pipe.text.null(len(PROMPTS))
+    states, mask, null_states, null_mask = captions
     scale = torch.tensor([1.0, 4.5, 7.0])
     x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     s = torch.tensor([0.9, 0.5, 0.1])
@@ -60,6 +64,20 @@ def test_cfg_flow_model_matches_two_separate_calls(teacher_pipe):
     torch.testing.assert_close(guided, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(guided[0], cond[0], atol=1e-5, rtol=1e-5)  # w = 1 is the conditional model
     assert (cond - null).abs().max() > 1e-3  # the prompt matters, so the test can tell the branches apart
+
+
+def test_cfg_flow_model_guides_only_inside_its_interval(teacher_pipe, captions):
+    """Above `guidance_max_sigma` a sample gets the conditional velocity alone, at or below it the full CFG one."""
+    x = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    limited, everywhere = (cfg_flow_model(teacher_pipe.transformer, *captions, torch.tensor([3.0, 4.5, 7.0]), limit)
+                           for limit in (0.6, 1.0))
+    conditioned = flow_model(teacher_pipe.transformer, *captions[:2])
+    mixed, above = torch.tensor([0.9, 0.6, 0.1]), torch.full((3,), 0.8)  # above, on and below the limit; all above
+    with torch.no_grad():
+        torch.testing.assert_close(limited(x, mixed)[0], conditioned(x, mixed)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(limited(x, mixed)[1:], everywhere(x, mixed)[1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(limited(x, above), conditioned(x, above))
+        assert (everywhere(x, above) - limited(x, above)).abs().max() > 1e-3  # guidance does change it there
 
 
 def test_teacher_sigmas():
