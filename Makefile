@@ -12,7 +12,7 @@ SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
-.PHONY: install test serve demo gpu-check world student equal-time
+.PHONY: install test serve demo gpu-check world teacher teacher-phases student equal-time
 
 # torch==2.13.0 (CPU build on this machine's disk) goes in first so the project's torch>=2.4 range keeps it.
 $(STAMP): pyproject.toml
@@ -36,19 +36,30 @@ demo: install
 world: install
 	$(BIN)/tbcm world train-vae --seed $(SEED) --out $(WORLD_RUNS)/vae
 	$(BIN)/tbcm world train-evaluator --seed $(SEED) --out $(WORLD_RUNS)/evaluator
-	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae $(WORLD_RUNS)/vae --out $(WORLD_RUNS)/teacher
-	$(BIN)/tbcm world train-teacher --seed $(SEED) --vae $(WORLD_RUNS)/vae --out $(WORLD_RUNS)/teacher-annealed \
+	$(MAKE) teacher-phases TEACHER_VAE=$(WORLD_RUNS)/vae
+	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
+		--teacher $(WORLD_RUNS)/teacher-phase4 --weights $(WEIGHTS)
+
+# Re-make the teacher alone on an existing VAE (default: the shipped one), e.g. at another size:
+# make teacher WORLD_RUNS=runs/teacher-8x5 WEIGHTS=runs/teacher-8x5/weights TEACHER_SIZE="--num-layers 8 --heads 5"
+teacher: install teacher-phases
+	$(BIN)/tbcm world ship --vae $(TEACHER_VAE) --teacher $(WORLD_RUNS)/teacher-phase4 --weights $(WEIGHTS)
+
+TEACHER_VAE ?= weights/teacher# the VAE the teacher's phases train on (a train-vae run or a pipeline folder)
+TEACHER_SIZE ?=# the teacher's architecture for all four phases (default 6 layers x 4 heads of 32 channels)
+TEACHER = $(BIN)/tbcm world train-teacher $(TEACHER_SIZE) --vae $(TEACHER_VAE)
+teacher-phases: install
+	$(TEACHER) --seed $(SEED) --out $(WORLD_RUNS)/teacher
+	$(TEACHER) --seed $(SEED) --out $(WORLD_RUNS)/teacher-annealed \
 		--init-from $(WORLD_RUNS)/teacher/transformer --steps 3000 --warmup-steps 100 --cosine-decay
 	# third phase: 12000 fresh training scenes (the next seed's draw), a lower peak lr, annealed again
-	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 1) --dataset-size 12000 --vae $(WORLD_RUNS)/vae \
+	$(TEACHER) --seed $(shell expr $(SEED) + 1) --dataset-size 12000 \
 		--out $(WORLD_RUNS)/teacher-phase3 --init-from $(WORLD_RUNS)/teacher-annealed/transformer --steps 2000 \
 		--lr 2e-4 --warmup-steps 100 --cosine-decay
 	# fourth phase: 12000 scenes of a third fresh draw, 4000 steps at a peak lr of 1e-4, annealed
-	$(BIN)/tbcm world train-teacher --seed $(shell expr $(SEED) + 2) --dataset-size 12000 --vae $(WORLD_RUNS)/vae \
+	$(TEACHER) --seed $(shell expr $(SEED) + 2) --dataset-size 12000 \
 		--out $(WORLD_RUNS)/teacher-phase4 --init-from $(WORLD_RUNS)/teacher-phase3/transformer --steps 4000 \
 		--lr 1e-4 --warmup-steps 100 --cosine-decay
-	$(BIN)/tbcm world ship --vae $(WORLD_RUNS)/vae --evaluator $(WORLD_RUNS)/evaluator \
-		--teacher $(WORLD_RUNS)/teacher-phase4 --weights $(WEIGHTS)
 
 # The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
 STUDENT_SOURCE = --teacher weights/teacher --prompts world --seed $(SEED)

@@ -46,6 +46,21 @@ class TeacherConfig:
     cosine_decay: bool = False        # anneal the lr to 0 over the run after warm-up (cosine)
 
 
+# TeacherConfig's architecture knobs and the SanaTransformer2DModel config keys they set
+ARCHITECTURE = {"num_layers": "num_layers", "heads": "num_attention_heads", "head_dim": "attention_head_dim",
+                "mlp_ratio": "mlp_ratio"}
+
+
+def check_init_architecture(config: TeacherConfig) -> None:
+    """A continued run's config must describe the model it continues, so its run record says what was trained."""
+    init = SanaTransformer2DModel.load_config(config.init_from)
+    diffs = [f"--{knob.replace('_', '-')} {getattr(config, knob)} (the init has {init[key]})"
+             for knob, key in ARCHITECTURE.items() if init[key] != getattr(config, knob)]
+    if diffs:
+        raise ValueError(f"--init-from {config.init_from}: this run's architecture differs from the model it "
+                         f"continues: {', '.join(diffs)}; pass the init's values")
+
+
 def build_teacher(config: TeacherConfig, latent_channels: int, latent_size: int, caption_channels: int):
     width = config.heads * config.head_dim
     return SanaTransformer2DModel(
@@ -94,6 +109,8 @@ def flow_matching_loss(transformer: SanaTransformer2DModel, x0: torch.Tensor, st
 
 def train_teacher(config: TeacherConfig, vae: AutoencoderDC, text: TextEncoder, out: Path,
                   resume: bool = False) -> SanaTransformer2DModel:
+    if config.init_from:
+        check_init_architecture(config)
     data = build_dataset(config, vae, text, out)
     latents, states, masks = data["latents"], data["states"], data["masks"]
     null_states, null_mask = text.null(1)

@@ -3,6 +3,7 @@ tiny configs of the real classes, a real (tiny) dataset, and `ship_world` into a
 import dataclasses
 import json
 
+import pytest
 import torch
 from diffusers import SanaTransformer2DModel
 
@@ -35,3 +36,12 @@ def test_continued_teacher_starts_from_its_init_and_ships_with_provenance(tmp_pa
     shipped = SanaTransformer2DModel.from_pretrained(weights / "teacher" / "transformer")
     assert torch.equal(shipped.state_dict()["proj_out.weight"], first.state_dict()["proj_out.weight"])
     assert load_pipeline(weights / "teacher").info["teacher_run"]["step"] == TINY.steps
+
+
+def test_a_continued_teacher_with_another_architecture_is_refused_before_any_work(tmp_path, teacher_pipe):
+    vae, text = teacher_pipe.vae, teacher_pipe.text
+    train_teacher(TINY, vae, text, tmp_path / "first")
+    init = str(tmp_path / "first" / "transformer")
+    with pytest.raises(ValueError, match=r"--heads 1 \(the init has 2\)"):
+        train_teacher(dataclasses.replace(TINY, init_from=init, heads=1), vae, text, tmp_path / "second")
+    assert not (tmp_path / "second").exists()
