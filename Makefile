@@ -62,7 +62,8 @@ teacher-phases: install
 		--lr 1e-4 --warmup-steps 100 --cosine-decay
 
 # The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
-STUDENT_SOURCE = --teacher weights/teacher --prompts world --seed $(SEED)
+STUDENT_TEACHER ?= weights/teacher# the teacher `make student` and `make equal-time` distill (a pipeline folder)
+STUDENT_SOURCE = --teacher $(STUDENT_TEACHER) --prompts world --seed $(SEED)
 STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards 8 --prompts-per-shard 256 --batch-size 32
 STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay \
 	--calm-down-start 800 --calm-down-steps 300 --export-extrapolation 1.25
