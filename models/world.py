@@ -6,6 +6,7 @@ function of a seed. Some (colour, kind) pairs are held out of training to measur
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -63,12 +64,13 @@ def split_of(shape: Shape) -> str:
     return "heldout" if (shape.colour, shape.kind) in HELDOUT_PAIRS else "train"
 
 
-def all_shapes(split: str) -> list[Shape]:
+@functools.cache  # built once per split: every scene draws from it
+def all_shapes(split: str) -> tuple[Shape, ...]:
     """Every attribute combination in a split ("train" or "heldout"), in a fixed order."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     combos = [Shape(c, k, s, p) for c in COLOURS for k in KINDS for s in SIZES for p in POSITIONS]
-    return [shape for shape in combos if split_of(shape) == split]
+    return tuple(shape for shape in combos if split_of(shape) == split)
 
 
 def describe(shape: Shape, rng: random.Random) -> str:
