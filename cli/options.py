@@ -9,16 +9,22 @@ import typing
 
 
 def _comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field line in the dataclass source."""
+    """The trailing `# comment` of each field line in the dataclass source, with the comment-only lines below it
+    whose `#` stands in the same column (its continuation) joined on."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    found = {}
+    found, last, column = {}, None, -1
     for line in source.splitlines():
-        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
-        if match:
-            found[match.group(1)] = match.group(2).strip()
+        field = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if field:
+            last, column = field.group(1), line.index("#")
+            found[last] = field.group(2).strip()
+        elif last is not None and line[:column].isspace() and line[column:column + 1] == "#":
+            found[last] += " " + line[column + 1:].strip()
+        else:
+            last = None
     return found
 
 

@@ -30,6 +30,8 @@ class DistillConfig:
     dmd_shift: float = 5.0                # the term's noise times: flow time U(0, 1) shifted by this (rCM: 5)
     time_sampling: str = "route"          # "route" (jittered reference route), "lognormal" or "uniform"
     cfg_scales: tuple = (4.0, 4.5, 5.0)   # teacher CFG scale drawn per prompt, embedded into the student
+    text_microbatch: int = 16             # captions per text-encoder pass, padded with "" to this fixed shape (a
+                                          #   caption's states never depend on its company; 1: one at a time)
     guidance_embeds_scale: float = 0.1    # the student's guidance embedder reads this x the CFG scale (Sprint: 0.1)
     guidance_max_sigma: float = 1.0       # the teacher's CFG acts only at flow sigma <= this, conditioned alone
                                           #   above (guidance interval); 1: everywhere (rollouts, pairs, DMD)
@@ -90,6 +92,8 @@ class DistillConfig:
         if not self.export_extrapolation > 0:
             raise ValueError(f"--export-extrapolation must be > 0 (1: the student as trained), "
                              f"got {self.export_extrapolation}")
+        if self.text_microbatch < 1:
+            raise ValueError(f"--text-microbatch must be >= 1 (captions per encoder pass), got {self.text_microbatch}")
         if not 0 < self.guidance_max_sigma <= 1:
             raise ValueError(f"--guidance-max-sigma is a flow sigma in (0, 1] (1: CFG at every step), "
                              f"got {self.guidance_max_sigma}")

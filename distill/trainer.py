@@ -51,6 +51,7 @@ def load_teacher(config: DistillConfig, device) -> Pipeline:
         raise ValueError(f"--teacher {config.teacher}: has a guidance embedding (a student); need a CFG teacher")
     teacher.transformer.requires_grad_(False)
     teacher.vae.requires_grad_(False)
+    teacher.text.microbatch = config.text_microbatch
     return teacher
 
 

@@ -263,6 +263,8 @@ def test_export_extrapolation_carries_the_weight_change_past_the_student(tiny_te
         dataclasses.replace(config, export_extrapolation=0.0)
     with pytest.raises(ValueError, match=r"--guidance-max-sigma is a flow sigma in \(0, 1\]"):
         dataclasses.replace(config, guidance_max_sigma=0.0)
+    with pytest.raises(ValueError, match="--text-microbatch must be >= 1"):
+        dataclasses.replace(config, text_microbatch=0)
 
 
 def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_path):

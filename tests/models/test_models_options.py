@@ -17,6 +17,8 @@ class Demo:
     lr: float = 1e-3                   # peak learning rate
     name: str = "run"                  # a label
     ema: bool = True                   # keep an EMA of the weights
+                                       #   of the model (a continued comment)
+    # a section comment, not a continuation
     compile: bool = False              # torch.compile the student
     channels: tuple = (16, 32)         # one entry per stage
     scales: tuple = (4.0, 4.5, 5.0)    # CFG scales to draw from
@@ -67,7 +69,8 @@ def test_comments_become_help_and_skip_is_honoured():
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["seed"] == "everything is a function of it (default: 0)"
     assert helps["channels"] == "one entry per stage (default: (16, 32))"
-    assert helps["ema"].startswith("keep an EMA of the weights")
+    assert helps["ema"] == "keep an EMA of the weights of the model (a continued comment) (default: True)"
+    assert "section" not in helps["compile"]
     assert "internal" not in helps and "tags" not in helps
     text = parser.format_help()
     assert "--lr LR" in text and "--no-ema" in text and "peak learning rate" in text

@@ -46,14 +46,18 @@ def test_states_match_the_plain_encoder(make_text):
         torch.testing.assert_close(states[i], reference[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_encoding_is_independent_of_the_other_prompts(make_text, threads):
+@pytest.mark.parametrize("threads,microbatch", [(1, 1), (2, 1), (2, 4)])
+def test_encoding_is_independent_of_the_other_prompts(make_text, threads, microbatch):
+    """A prompt's states are the same bits alone and among others, at any place in a fixed-shape microbatch."""
     torch.set_num_threads(threads)  # restored by the autouse _threads fixture
     target = "a small red circle on the left"
-    alone_states, alone_mask = make_text().encode([target])
+    alone_states, alone_mask = make_text(microbatch=microbatch).encode([target])
     for others, position in (([], 0), (PROMPTS[1:3], 1), (PROMPTS[1:], 5), (PROMPTS[1:] * 2, 9)):
         prompts = others[:position] + [target] + others[position:]
-        states, mask = make_text().encode(prompts)  # a fresh cache, so it is really encoded in this batch
+        text = make_text(microbatch=microbatch)  # a fresh cache, so it is really encoded in this batch
+        calls = count_forwards(text)
+        states, mask = text.encode(prompts)
+        assert calls == [microbatch] * -(-len(dict.fromkeys(prompts)) // microbatch)
         assert torch.equal(states[position], alone_states[0]), (len(prompts), position)
         assert torch.equal(mask[position], alone_mask[0])
 
