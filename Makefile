@@ -65,8 +65,7 @@ teacher-phases: install
 STUDENT_TEACHER ?= weights/teacher# the teacher `make student` and `make equal-time` distill (a pipeline folder)
 STUDENT_SOURCE = --teacher $(STUDENT_TEACHER) --prompts world --seed $(SEED)
 STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards 8 --prompts-per-shard 256 --batch-size 32
-STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay \
-	--calm-down-start 800 --calm-down-steps 300 --export-extrapolation 1.25
+STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay
 STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
 	--dmd-weight 0.1 --dmd-fake-updates 4 --dmd-shift 1
 BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
@@ -74,7 +73,7 @@ EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and 
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
 # a bank of 2048 teacher rollouts, then 1400 steps on it with DMD's regulariser on the one-step samples, exported
-# 1.25 of the way from the teacher to the trained student (model extrapolation).
+# as trained (the EMA weights; no model extrapolation).
 student: install
 	$(BIN)/tbcm rollout $(STUDENT_BANK_OPTS) --out $(STUDENT_RUNS)/bank
 	$(BIN)/tbcm distill $(STUDENT_SCHEDULE_OPTS) $(STUDENT_TBCM_OPTS) --rollouts $(STUDENT_RUNS)/bank \
