@@ -64,7 +64,8 @@ teacher-phases: install
 # The shipped student's recipe, defined once: `make student` runs it, and `make equal-time` runs it against data-sCM.
 STUDENT_TEACHER ?= weights/teacher# the teacher `make student` and `make equal-time` distill (a pipeline folder)
 STUDENT_SOURCE = --teacher $(STUDENT_TEACHER) --prompts world --seed $(SEED)
-STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards 8 --prompts-per-shard 256 --batch-size 32
+BANK_SHARDS ?= 8# rollout shards of 256 prompts in the bank; 4 for budgets near 20 minutes (docs/results.md, Table 2)
+STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards $(BANK_SHARDS) --prompts-per-shard 256 --batch-size 32
 STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay
 STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
 	--dmd-weight 0.1 --dmd-fake-updates 4 --dmd-shift 1
@@ -72,8 +73,8 @@ BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
 EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and their evaluations
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
-# a bank of 2048 teacher rollouts, then 1400 steps on it with DMD's regulariser on the one-step samples, exported
-# as trained (the EMA weights; no model extrapolation).
+# a bank of 2048 teacher rollouts (BANK_SHARDS x 256 prompts), then 1400 steps on it with DMD's regulariser on the
+# one-step samples, exported as trained (the EMA weights; no model extrapolation).
 student: install
 	$(BIN)/tbcm rollout $(STUDENT_BANK_OPTS) --out $(STUDENT_RUNS)/bank
 	$(BIN)/tbcm distill $(STUDENT_SCHEDULE_OPTS) $(STUDENT_TBCM_OPTS) --rollouts $(STUDENT_RUNS)/bank \
