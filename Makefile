@@ -73,8 +73,8 @@ BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
 EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and their evaluations
 
 # Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
-# a bank of 2048 teacher rollouts (BANK_SHARDS x 256 prompts), then 1400 steps on it with DMD's regulariser on the
-# one-step samples, exported as trained (the EMA weights; no model extrapolation).
+# a bank of BANK_SHARDS x 256 teacher rollouts (2048 by default), then 1400 steps on it with DMD's regulariser on
+# the one-step samples, exported as trained (the EMA weights; no model extrapolation).
 student: install
 	$(BIN)/tbcm rollout $(STUDENT_BANK_OPTS) --out $(STUDENT_RUNS)/bank
 	$(BIN)/tbcm distill $(STUDENT_SCHEDULE_OPTS) $(STUDENT_TBCM_OPTS) --rollouts $(STUDENT_RUNS)/bank \
