@@ -12,16 +12,36 @@ SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
-.PHONY: install test serve demo gpu-check world teacher teacher-phases student equal-time
+.PHONY: install lock check-latest test serve demo gpu-check world teacher teacher-phases student equal-time
 
-# torch==2.13.0 (CPU build on this machine's disk) goes in first so the project's torch>=2.4 range keeps it.
-$(STAMP): pyproject.toml
+LOCK := requirements.lock# every dependency, direct and transitive, at its exact version (made by `make lock`)
+SERVE_LOCK := requirements-serve.lock# the same versions, serving's share only: what the bento installs
+TORCH := torch==2.13.0# a CPU build from this machine's disk, a CUDA build elsewhere: both satisfy the lock
+LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
+# uv looks only where it is told: PIP_FIND_LINKS (where set) holds the local torch build the lock names
+UV_COMPILE = $(BIN)/uv pip compile $(LOCK_PLATFORM) $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} \
+	--custom-compile-command "make lock" --quiet
+
+# The lock installs with pip (which finds the local torch build where uv would not), then the project without deps.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check "torch==2.13.0" || $(PIP) install -q --disable-pip-version-check "torch>=2.4"
-	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	$(PIP) install -q --disable-pip-version-check -r $(LOCK)
+	$(PIP) install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve both locks from pyproject's ranges (the newest versions they admit, torch held at $(TORCH)).
+lock:
+	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PY) -m venv $(VENV); $(PIP) install -q uv; }
+	echo "$(TORCH)" | $(UV_COMPILE) pyproject.toml - --all-extras -o $(LOCK)
+	sed -i 's/^torch==\([0-9.]*\)+[a-z0-9]*$$/torch==\1/' $(LOCK)
+	echo "$(TORCH)" | $(UV_COMPILE) pyproject.toml - --extra serve -c $(LOCK) -o $(SERVE_LOCK)
+	sed -i 's/^torch==\([0-9.]*\)+[a-z0-9]*$$/torch==\1/' $(SERVE_LOCK)
+
+# Not in CI: the newest versions pyproject admits, in a throwaway venv, against the fast tests (drift found on purpose).
+check-latest: install
+	bash tools/check_latest.sh
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider

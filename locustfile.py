@@ -15,7 +15,7 @@ import random
 
 from locust import HttpUser, between, task
 
-from service.loadtest import DEFAULT_PROMPTS
+from tbcm.service.loadtest import DEFAULT_PROMPTS
 
 EXTRA = json.loads(os.environ.get("TBCM_LOCUST_BODY", "{}"))
 

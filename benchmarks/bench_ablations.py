@@ -26,9 +26,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from distill.config import DistillConfig  # noqa: E402
+from tbcm.distill.config import DistillConfig  # noqa: E402
 
 MANY_STEPS = 10**6  # the time budget, not the step count, ends every arm
 
@@ -65,7 +64,7 @@ def train_arm(name: str, sampling: str, points: int, flags: tuple, run: Path, ar
     if not resume:  # a fresh run: the trainer appends to these logs, so stale lines must go
         for stale in ("metrics.jsonl", "eval_curve.jsonl"):
             (run / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "cli.main", "distill", "--teacher", args.teacher, "--prompts", "world",
+    cmd = [sys.executable, "-m", "tbcm.cli.main", "distill", "--teacher", args.teacher, "--prompts", "world",
            "--pairs", "trajectory", "--time-sampling", sampling, "--points-per-trajectory", str(points),
            "--time-budget-s", str(args.budget_s), "--steps", str(MANY_STEPS), "--eval-every", "0",
            "--seed", str(args.seed), "--out", str(run), "--export", str(run / "export"),

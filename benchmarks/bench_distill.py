@@ -5,7 +5,7 @@ peak RSS (and CUDA max allocated on a GPU). Settings: `world` (the shipped shape
 (the Sana 600M transformer architecture and DC-AE f32c32 with random weights; only speed and memory matter;
 on a CPU use --layers and --resolution to shrink it, and the table says so).
 
-    python benchmarks/bench_distill.py --setting world --steps 6 --json runs/bench/distill_world.json
+    python -m benchmarks.bench_distill --setting world --steps 6 --json runs/bench/distill_world.json
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
@@ -30,9 +29,9 @@ def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import BertConfig, BertModel
 
-    from models.pipeline import Pipeline, default_scheduler, save_pipeline
-    from models.text import TextEncoder
-    from models.tiny import tiny_text_encoder
+    from tbcm.models.pipeline import Pipeline, default_scheduler, save_pipeline
+    from tbcm.models.text import TextEncoder
+    from tests.tiny import tiny_text_encoder
 
     tokenizer, _ = tiny_text_encoder()
     encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=2304, num_hidden_layers=1,
@@ -48,8 +47,8 @@ def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
 
 def run_one(teacher: str, pairs: str, steps: int, prompts_per_step: int, points: int, out: Path) -> dict:
     """Train `steps` iterations in this process and report time and memory (first iteration excluded)."""
-    from distill.config import DistillConfig
-    from distill.trainer import Distiller
+    from tbcm.distill.config import DistillConfig
+    from tbcm.distill.trainer import Distiller
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when run as a script
+if not torch.cuda.is_available():  # the smoke version runs the kernels in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diffusers  # noqa: E402
 import triton  # noqa: E402
@@ -33,11 +35,11 @@ from diffusers import AutoencoderDC, SanaTransformer2DModel  # noqa: E402
 from diffusers.models.normalization import RMSNorm  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import FusedRMSNorm, reference  # noqa: E402
-from kernels.cross_attention import softmax_attention  # noqa: E402
-from kernels.layer_norm_modulate import layer_norm_modulate  # noqa: E402
-from kernels.linear_attention import linear_attention  # noqa: E402
+from tbcm import kernels  # noqa: E402
+from tbcm.kernels import FusedRMSNorm, reference  # noqa: E402
+from tbcm.kernels.cross_attention import softmax_attention  # noqa: E402
+from tbcm.kernels.layer_norm_modulate import layer_norm_modulate  # noqa: E402
+from tbcm.kernels.linear_attention import linear_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -1,9 +1,9 @@
 """Serving latency (Table 4): the one-step student's end-to-end latency per stage at batch 1 and its throughput at
 the best batch, against the teacher's 16-step (CFG) latency on the same machine. Prints a table, writes JSON + .md.
 
-    python benchmarks/bench_latency.py                                  # shipped student and teacher, HTTP too
-    python benchmarks/bench_latency.py --http-teacher --repeats 50      # also time the teacher over HTTP
-    python benchmarks/bench_latency.py --tiny --json /tmp/latency.json  # tiny random pipelines (smoke run)
+    python -m benchmarks.bench_latency                                  # shipped student and teacher, HTTP too
+    python -m benchmarks.bench_latency --http-teacher --repeats 50      # also time the teacher over HTTP
+    python -m benchmarks.bench_latency --tiny --json /tmp/latency.json  # tiny random pipelines (smoke run)
 
 In-process, batch 1, medians of --repeats warm calls: text encoding, transformer, VAE decode (the generator's own
 stage timings; every call has a new prompt, so the text encoder's cache never hides its stage), image encoding (the
@@ -29,14 +29,13 @@ import httpx
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_serving import PROMPT, machine, start_server  # noqa: E402
-from models.generator import TEACHER_DEFAULT_STEPS, Generator  # noqa: E402
-from models.pipeline import load_pipeline  # noqa: E402
-from service.config import ServiceConfig  # noqa: E402
-from service.engine import encode_image  # noqa: E402
-from service.runtime import pick_device, resolve_spec  # noqa: E402
+from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator  # noqa: E402
+from tbcm.models.pipeline import load_pipeline  # noqa: E402
+from tbcm.service.config import ServiceConfig  # noqa: E402
+from tbcm.service.engine import encode_image  # noqa: E402
+from tbcm.service.runtime import pick_device, resolve_spec  # noqa: E402
 
 STAGES = ("text_encoding", "transformer", "vae_decode", "image_encoding", "total")
 LABELS = {"text_encoding": "text encoding", "transformer": "transformer", "vae_decode": "VAE decode",
@@ -154,7 +153,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tiny:
-        from models.tiny import make_tiny_pipeline
+        from tests.tiny import make_tiny_pipeline
 
         specs = {kind: str(make_tiny_pipeline(scratch / kind, student=kind == "student", seed=1))
                  for kind in ("student", "teacher")}

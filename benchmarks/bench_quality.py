@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.evaluate import EvalConfig, evaluate  # noqa: E402
+from tbcm.world.evaluate import EvalConfig, evaluate  # noqa: E402
 
 
 def parse_model(spec: str) -> tuple[str, list[int]]:

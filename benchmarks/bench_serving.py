@@ -1,8 +1,8 @@
 """Serving benchmark: the in-process generator against the HTTP service, batching gain, tail latency under
 Poisson load, and overload behaviour, in one run on this machine. Prints a table and writes JSON.
 
-    python benchmarks/bench_serving.py                    # the shipped student (an error if it is missing)
-    python benchmarks/bench_serving.py --model teacher    # or a pipeline folder, or --tiny (a tiny random student)
+    python -m benchmarks.bench_serving                    # the shipped student (an error if it is missing)
+    python -m benchmarks.bench_serving --model teacher    # or a pipeline folder, or --tiny (a tiny random student)
 
 Goals: HTTP p50 at concurrency 1 <= 1.15x the generator's p50 at batch 1 (measured in alternating rounds, side by
 side); throughput at 16 clients >= 2.5x one
@@ -29,10 +29,9 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from service.config import ServiceConfig  # noqa: E402
-from service.loadtest import LoadTestConfig, run_load  # noqa: E402
+from tbcm.service.config import ServiceConfig  # noqa: E402
+from tbcm.service.loadtest import LoadTestConfig, run_load  # noqa: E402
 
 PROMPT = "a small red circle in the middle"
 SHED = {"200", "429", "503"}
@@ -84,9 +83,9 @@ def load_generator(path: Path, threads: int, microbatch: int):
     """The one-step generator in this process, with as many torch threads as the server's generator gets, warm."""
     import torch
 
-    from models.generator import Generator
-    from models.pipeline import load_pipeline
-    from service.runtime import generator_threads, pick_device
+    from tbcm.models.generator import Generator
+    from tbcm.models.pipeline import load_pipeline
+    from tbcm.service.runtime import generator_threads, pick_device
 
     config = ServiceConfig(threads=threads, microbatch=microbatch)
     if threads := generator_threads(config):
@@ -127,9 +126,9 @@ def start_server(model: str, threads: int, extra_args: tuple[str, ...] = ()) -> 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "cli.main", "serve", "--model", model, "--port", str(port), "--host",
+    command = [sys.executable, "-m", "tbcm.cli.main", "serve", "--model", model, "--port", str(port), "--host",
                "127.0.0.1", "--threads", str(threads), *extra_args]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    proc = subprocess.Popen(command, cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 1800
@@ -197,11 +196,11 @@ def overload(url: str, load: LoadTestConfig, pid: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from service.runtime import resolve_spec
+    from tbcm.service.runtime import resolve_spec
 
     tiny_dir = None
     if args.tiny:
-        from models.tiny import make_tiny_pipeline
+        from tests.tiny import make_tiny_pipeline
 
         tiny_dir = tempfile.TemporaryDirectory()
         model = str(make_tiny_pipeline(Path(tiny_dir.name) / "student", student=True, seed=1))

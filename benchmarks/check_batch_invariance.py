@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.generator import Generator  # noqa: E402
-from models.pipeline import load_pipeline, resolve_model  # noqa: E402
+from tbcm.models.generator import Generator  # noqa: E402
+from tbcm.models.pipeline import load_pipeline, resolve_model  # noqa: E402
 
 PROMPTS = ("a small red circle on the left", "a large blue square at the top")
 

@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models.generator  # noqa: E402
-from models import world  # noqa: E402
-from models.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate, real_images  # noqa: E402
-from models.evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of  # noqa: E402
-from models.pipeline import WEIGHTS_DIR, load_pipeline  # noqa: E402
-from models.trigflow import SIGMA_DATA, consistency_x0, renoise, trig_time, trigflow_from_flow  # noqa: E402
+from tbcm.models import generator  # noqa: E402
+from tbcm.world import world  # noqa: E402
+from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate, real_images  # noqa: E402
+from tbcm.world.evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of  # noqa: E402
+from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline  # noqa: E402
+from tbcm.models.trigflow import SIGMA_DATA, consistency_x0, renoise, trig_time, trigflow_from_flow  # noqa: E402
 
 
 def stochastic_sampler(keep: float, seed: int):
@@ -90,21 +89,21 @@ def main() -> None:
         return {k: result[k] for k in ("fd", "accuracy", "accuracy_per_attribute")}
     rows = [{"images": "real", **measured(model="real")},
             {"images": "VAE reconstruction", **reconstruction_floor(args.model, args.prompts, args.n, args.seed)}]
-    deterministic, guided_everywhere = models.generator.sample_trigflow, models.generator.cfg_flow_model
+    deterministic, guided_everywhere = generator.sample_trigflow, generator.cfg_flow_model
     for keep in (float(k) for k in args.keep.split(",")):
         if not 0 <= keep <= 1:
             raise SystemExit(f"--keep: each fraction must be in [0, 1], got {keep}")
-        models.generator.sample_trigflow = deterministic if keep == 1 else stochastic_sampler(keep, args.seed)
+        generator.sample_trigflow = deterministic if keep == 1 else stochastic_sampler(keep, args.seed)
         rows.append({"images": f"{args.model}, c = {keep}", "keep": keep,
                      **measured(model=args.model, steps=args.steps)})
-    models.generator.sample_trigflow = deterministic
+    generator.sample_trigflow = deterministic
     for limit in (float(g) for g in filter(None, args.guidance_max_sigma.split(","))):
         if not 0 < limit < 1:
             raise SystemExit(f"--guidance-max-sigma: each limit must be in (0, 1), got {limit}")
-        models.generator.cfg_flow_model = functools.partial(guided_everywhere, guidance_max_sigma=limit)
+        generator.cfg_flow_model = functools.partial(guided_everywhere, guidance_max_sigma=limit)
         rows.append({"images": f"{args.model}, CFG at sigma <= {limit}", "guidance_max_sigma": limit,
                      **measured(model=args.model, steps=args.steps)})
-    models.generator.cfg_flow_model = guided_everywhere
+    generator.cfg_flow_model = guided_everywhere
     print(f"\n{args.prompts}, n = {args.n}, seed {args.seed}")
     for row in rows:
         print(f"{row['images']:<24} FD {row['fd']:7.2f}  accuracy {row['accuracy']:.3f}")

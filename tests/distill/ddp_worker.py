@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from distill.config import DistillConfig
-from distill.trainer import Distiller
-from models.training import atomic_write_safetensors
+from tbcm.distill.config import DistillConfig
+from tbcm.distill.trainer import Distiller
+from tbcm.models.training import atomic_write_safetensors
 
 
 def run(config: DistillConfig, resume: bool, skew_s: float = 0.0) -> None:

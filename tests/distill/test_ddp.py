@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.config import DistillConfig
+from tbcm.distill.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -33,8 +33,7 @@ def launch(jobs: list[dict], mode: tuple[str, ...] = DDP_ON_CPU, timeout_s: int 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if mode == DDP_ON_CPU:
         env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode,
@@ -112,7 +111,7 @@ def test_fsdp2_run_resumes_where_the_uninterrupted_one_ends(tiny_teacher_dir, tm
 def test_rank_rng_files_round_trip_and_fail_clearly(tmp_path):
     import random
 
-    from models.training import load_rank_rng, prune_rank_rng, save_rank_rng
+    from tbcm.models.training import load_rank_rng, prune_rank_rng, save_rank_rng
 
     torch.manual_seed(5)
     random.seed(5)

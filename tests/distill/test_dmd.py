@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from distill.dmd import denoiser_velocity, dmd_loss, dmd_times, fake_denoiser, fake_denoiser_loss
-from distill.loss import Pairs
-from models.tiny import tiny_transformer
-from models.trigflow import SIGMA_DATA, renoise
+from tbcm.distill.dmd import denoiser_velocity, dmd_loss, dmd_times, fake_denoiser, fake_denoiser_loss
+from tbcm.distill.loss import Pairs
+from tiny import tiny_transformer
+from tbcm.models.trigflow import SIGMA_DATA, renoise
 
 
 def batch(n=3):

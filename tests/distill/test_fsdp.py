@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill.loss import Pairs, scm_loss
-from distill.student import Student, student_from_teacher
-from models.tiny import tiny_transformer
-from models.training import ema_update
-from models.trigflow import SIGMA_DATA
+from tbcm.distill.loss import Pairs, scm_loss
+from tbcm.distill.student import Student, student_from_teacher
+from tiny import tiny_transformer
+from tbcm.models.training import ema_update
+from tbcm.models.trigflow import SIGMA_DATA
 
 DECAY = 0.9
 

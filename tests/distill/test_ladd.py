@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-from distill.config import DistillConfig
-from distill.ladd import (Discriminator, default_blocks, generator_loss, hinge_d_loss, hinge_g_loss, max_time,
+from tbcm.distill.config import DistillConfig
+from tbcm.distill.ladd import (Discriminator, default_blocks, generator_loss, hinge_d_loss, hinge_g_loss, max_time,
                           one_per_prompt, teacher_features)
-from distill.loss import Pairs
-from distill.student import Student, student_from_teacher
-from distill.trainer import Distiller
-from models.tiny import tiny_transformer
-from models.training import learning_rate, read_safetensors
-from models.trigflow import SIGMA_DATA, renoise
+from tbcm.distill.loss import Pairs
+from tbcm.distill.student import Student, student_from_teacher
+from tbcm.distill.trainer import Distiller
+from tiny import tiny_transformer
+from tbcm.models.training import learning_rate, read_safetensors
+from tbcm.models.trigflow import SIGMA_DATA, renoise
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
             checkpoint_every=1, tangent_warmup=2, ladd=True)

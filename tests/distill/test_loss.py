@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from distill.loss import Pairs, consistency_tangent, endpoint_loss, prior_weight, scm_loss, tangent_r
-from distill.student import Student, student_from_teacher
-from models.tiny import tiny_transformer
-from models.trigflow import SIGMA_DATA
+from tbcm.distill.loss import Pairs, consistency_tangent, endpoint_loss, prior_weight, scm_loss, tangent_r
+from tbcm.distill.student import Student, student_from_teacher
+from tiny import tiny_transformer
+from tbcm.models.trigflow import SIGMA_DATA
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from distill.config import DistillConfig
-from distill.pairs import (data_pairs, degenerate_weight, pairs_from_rollout, renoised_endpoint_pairs, rollout,
+from tbcm.distill.config import DistillConfig
+from tbcm.distill.pairs import (data_pairs, degenerate_weight, pairs_from_rollout, renoised_endpoint_pairs, rollout,
                           trajectory_times)
-from models import world
-from models.pipeline import load_pipeline
-from models.sampling import cfg_flow_model
-from models.trigflow import SIGMA_DATA, reference_route, trigflow_from_flow
+from tbcm.world import world
+from tbcm.models.pipeline import load_pipeline
+from tbcm.models.sampling import cfg_flow_model
+from tbcm.models.trigflow import SIGMA_DATA, reference_route, trigflow_from_flow
 
 
 @pytest.fixture(scope="module")

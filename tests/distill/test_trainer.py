@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.config import DistillConfig
-from distill.loss import tangent_r
-from distill.export import export_student
-from distill.rollout import RolloutConfig, write_rollouts
-from distill.trainer import Distiller
-from models.generator import Generator
-from models.pipeline import PipelineError, load_pipeline
-from models.sampling import seeded_noise
-from models.training import learning_rate
-from models.tiny import make_tiny_pipeline
+from tbcm.distill.config import DistillConfig
+from tbcm.distill.loss import tangent_r
+from tbcm.distill.export import export_student
+from tbcm.distill.rollout import RolloutConfig, write_rollouts
+from tbcm.distill.trainer import Distiller
+from tbcm.models.generator import Generator
+from tbcm.models.pipeline import PipelineError, load_pipeline
+from tbcm.models.sampling import seeded_noise
+from tbcm.models.training import learning_rate
+from tiny import make_tiny_pipeline
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
             checkpoint_every=1, tangent_warmup=2)
@@ -144,12 +144,12 @@ def test_dmd_trains_a_fake_denoiser_beside_the_student_and_resumes_it(tiny_teach
 def test_fit_schedule_to_budget_runs_the_step_schedule_over_the_time_budget(tiny_teacher_dir, tmp_path,
                                                                            monkeypatch):
     ticks = iter(range(10**6))  # a clock where every training step takes exactly 1 s
-    monkeypatch.setattr("distill.trainer.time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+    monkeypatch.setattr("tbcm.distill.trainer.time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), **{**TINY, "steps": 4},
                            cosine_decay=True, warmup_steps=1, calm_down_start=1, calm_down_steps=2,
                            time_budget_s=8, fit_schedule_to_budget=True)
     broadcasts = []
-    monkeypatch.setattr("distill.trainer.broadcast", lambda clock, from_process: broadcasts.append(clock) or clock)
+    monkeypatch.setattr("tbcm.distill.trainer.broadcast", lambda clock, from_process: broadcasts.append(clock) or clock)
     distiller = Distiller(config)
     distiller.train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -184,7 +184,7 @@ def test_trainer_reads_rollout_shards(tiny_teacher_dir, tmp_path):
 
 
 def run_cli(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "distill", *args], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "tbcm.cli.main", "distill", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2], **kwargs)
 
 
@@ -239,8 +239,8 @@ def test_export_loads_in_sana_sprint_pipeline_and_matches_our_generator(tiny_tea
 
 
 def test_export_extrapolation_carries_the_weight_change_past_the_student(tiny_teacher_dir, tmp_path):
-    from cli.main import main
-    from distill.student import teacher_weights_by_student_name
+    from tbcm.cli.main import main
+    from tbcm.distill.student import teacher_weights_by_student_name
 
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path / "run"), lr=1e-2, ema_decay=0.0, **TINY)
     Distiller(config).train()  # a large lr and the last weights exported, so the change is well above rounding
@@ -283,7 +283,7 @@ def test_bad_teachers_get_clear_errors(tiny_teacher_dir, tiny_student_dir, tmp_p
 
 
 def test_the_cli_names_a_bad_knob_combination_before_any_work(tmp_path, capsys):
-    from cli.main import main
+    from tbcm.cli.main import main
 
     missing_teacher, out = tmp_path / "no-teacher", tmp_path / "run"  # refused before the teacher is even looked for
     assert main(["distill", "--teacher", str(missing_teacher), "--pairs", "data", "--dmd-weight", "0.1",

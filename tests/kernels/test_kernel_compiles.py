@@ -54,8 +54,8 @@ def resource_usage(compiled) -> str:
 
 def launch_configurations():
     """(kernel, constexprs, num_warps, uses tensor cores) as the launchers use them at Sana sizes."""
-    from kernels import cross_attention, layer_norm_modulate, linear_attention, rms_norm
-    from kernels.utils import head_block, row_settings
+    from tbcm.kernels import cross_attention, layer_norm_modulate, linear_attention, rms_norm
+    from tbcm.kernels.utils import head_block, row_settings
 
     block, row_warps = row_settings(2240)
     yield rms_norm._rms_norm_forward_kernel, dict(HAS_WEIGHT=True, ROUND_TO_WEIGHT=True, BLOCK=block), row_warps, False
@@ -111,5 +111,4 @@ def test_every_kernel_compiles_for_sm90():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.exit(main())

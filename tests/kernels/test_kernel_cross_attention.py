@@ -5,8 +5,8 @@ import torch
 from kernel_test_utils import DEVICE, DTYPES, assert_close, check_against_reference
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.cross_attention import softmax_attention, softmax_attention_with_tangent
-from kernels.reference import softmax_attention as reference
+from tbcm.kernels.cross_attention import softmax_attention, softmax_attention_with_tangent
+from tbcm.kernels.reference import softmax_attention as reference
 
 
 def padding_bias(batch, n_keys, kept):

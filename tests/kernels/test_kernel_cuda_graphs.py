@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_test_utils import DEVICE, requires_cuda
 
-from kernels.cuda_graphs import CudaGraphRunner, batch_chunks, bucket_for, pad_batch
-from kernels.layer_norm_modulate import layer_norm_modulate
+from tbcm.kernels.cuda_graphs import CudaGraphRunner, batch_chunks, bucket_for, pad_batch
+from tbcm.kernels.layer_norm_modulate import layer_norm_modulate
 
 
 class RecordingStep:

@@ -7,8 +7,8 @@ from diffusers import SanaTransformer2DModel
 from kernel_test_utils import DEVICE, assert_close
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
-from kernels.sana_patch import FusedModulatedNorm, FusedSanaCrossAttnProcessor, FusedSanaLinearAttnProcessor
+from tbcm import kernels
+from tbcm.kernels.sana_patch import FusedModulatedNorm, FusedSanaCrossAttnProcessor, FusedSanaLinearAttnProcessor
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_test_utils import DTYPES, check_against_reference
 
-from kernels import reference as pytorch
-from kernels.layer_norm_modulate import layer_norm_modulate
+from tbcm.kernels import reference as pytorch
+from tbcm.kernels.layer_norm_modulate import layer_norm_modulate
 
 EPS = 1e-6
 

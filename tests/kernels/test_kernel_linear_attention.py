@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_test_utils import DTYPES, check_against_reference
 
-from kernels import reference
-from kernels.linear_attention import linear_attention
+from tbcm.kernels import reference
+from tbcm.kernels.linear_attention import linear_attention
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

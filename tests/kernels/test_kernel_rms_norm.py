@@ -5,8 +5,8 @@ import torch
 from diffusers.models.normalization import RMSNorm
 from kernel_test_utils import DEVICE, DTYPES, check_against_reference, needs_cuda
 
-from kernels import reference
-from kernels.rms_norm import FusedRMSNorm, rms_norm
+from tbcm.kernels import reference
+from tbcm.kernels.rms_norm import FusedRMSNorm, rms_norm
 
 EPS = 1e-5
 

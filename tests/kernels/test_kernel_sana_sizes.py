@@ -4,11 +4,11 @@ import pytest
 import torch
 from kernel_test_utils import check_against_reference, requires_cuda
 
-from kernels import reference
-from kernels.cross_attention import softmax_attention
-from kernels.layer_norm_modulate import layer_norm_modulate
-from kernels.linear_attention import linear_attention
-from kernels.rms_norm import rms_norm
+from tbcm.kernels import reference
+from tbcm.kernels.cross_attention import softmax_attention
+from tbcm.kernels.layer_norm_modulate import layer_norm_modulate
+from tbcm.kernels.linear_attention import linear_attention
+from tbcm.kernels.rms_norm import rms_norm
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 

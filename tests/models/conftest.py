@@ -16,14 +16,14 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def teacher_pipe(tiny_teacher_dir):
-    from models.pipeline import load_pipeline
+    from tbcm.models.pipeline import load_pipeline
 
     return load_pipeline(tiny_teacher_dir)
 
 
 @pytest.fixture(scope="session")
 def student_pipe(tiny_student_dir):
-    from models.pipeline import load_pipeline
+    from tbcm.models.pipeline import load_pipeline
 
     return load_pipeline(tiny_student_dir)
 

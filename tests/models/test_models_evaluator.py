@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from models import world
-from models.evaluator import (WEIGHTS, Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure,
+from tbcm.world import world
+from tbcm.world.evaluator import (WEIGHTS, Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure,
                               targets_of)
-from models.pipeline import WEIGHTS_DIR
+from tbcm.models.pipeline import WEIGHTS_DIR
 
 
 def whitened(n: int, d: int, seed: int) -> torch.Tensor:

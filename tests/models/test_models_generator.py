@@ -3,8 +3,8 @@ references of the one-step student and the CFG teacher, request checks and stage
 import pytest
 import torch
 
-from models.generator import Generator
-from models.sampling import seeded_noise, to_uint8
+from tbcm.models.generator import Generator
+from tbcm.models.sampling import seeded_noise, to_uint8
 
 TARGET, SEED = "a small red circle on the left", 1234
 OTHERS = ["a big blue box at the top", "there is a tiny green cross", "medium yellow disc in the middle",
@@ -126,7 +126,7 @@ def test_sizes_and_timings(student_pipe):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_bfloat16_pipeline_agrees_with_float32(tiny_student_dir, student_pipe, steps):
-    from models.pipeline import load_pipeline
+    from tbcm.models.pipeline import load_pipeline
 
     prompts, seeds = [TARGET, OTHERS[0], OTHERS[1]], [3, 4, 5]
     full = Generator(student_pipe).generate(prompts, seeds, steps).images.int()

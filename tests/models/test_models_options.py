@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 
-from cli.options import add_config_options, config_from_args
+from tbcm.cli.options import add_config_options, config_from_args
 
 
 @dataclass
@@ -82,8 +82,8 @@ def test_overrides_and_unknown_fields():
     assert config.seed == 9 and config.internal == 1 and config.tags == []
 
 
-@pytest.mark.parametrize("module,name", [("models.world_train", "VAEConfig"), ("models.world_train", "EvaluatorConfig"),
-                                         ("models.teacher_train", "TeacherConfig"), ("models.evaluate", "EvalConfig")])
+@pytest.mark.parametrize("module,name", [("tbcm.world.world_train", "VAEConfig"), ("tbcm.world.world_train", "EvaluatorConfig"),
+                                         ("tbcm.world.teacher_train", "TeacherConfig"), ("tbcm.world.evaluate", "EvalConfig")])
 def test_project_configs_round_trip(module, name):
     """Every real config survives the round trip with no arguments, with one option per field."""
     import importlib

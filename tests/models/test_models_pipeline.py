@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models.pipeline as pipeline_module
-from models.generator import Generator
-from models.pipeline import (TEXT_ENCODER_PACKAGE, PipelineError, load_pipeline, resolve_model, save_pipeline)
-from models.sampling import flow_model, sample_consistency, seeded_noise
-from models.tiny import make_tiny_pipeline
+import tbcm.models.pipeline as pipeline_module
+from tbcm.models.generator import Generator
+from tbcm.models.pipeline import (TEXT_ENCODER_PACKAGE, PipelineError, load_pipeline, resolve_model, save_pipeline)
+from tbcm.models.sampling import flow_model, sample_consistency, seeded_noise
+from tiny import make_tiny_pipeline
 
 PROMPT = "a small red circle on the left"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.sampling import (CM_INTERMEDIATE_TIMES, cfg_flow_model, cm_times, flow_model, sample_consistency,
+from tbcm.models.sampling import (CM_INTERMEDIATE_TIMES, cfg_flow_model, cm_times, flow_model, sample_consistency,
                              sample_flow_euler, sample_trigflow, seeded_noise, teacher_sigmas, to_uint8,
                              trigflow_trajectory)
-from models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_sigmas, reference_route, renoise, trig_time,
+from tbcm.models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_sigmas, reference_route, renoise, trig_time,
                              trigflow_from_flow)
 
 PROMPTS = ["a small red circle on the left", "a big blue box at the top", "there is a tiny green cross"]

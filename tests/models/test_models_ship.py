@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import SanaTransformer2DModel
 
-from models.pipeline import load_pipeline
-from models.ship import ship_world
-from models.teacher_train import TeacherConfig, train_teacher
+from tbcm.models.pipeline import load_pipeline
+from tbcm.world.ship import ship_world
+from tbcm.world.teacher_train import TeacherConfig, train_teacher
 
 TINY = TeacherConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=100, dataset_size=8, image_size=16,
                      max_sequence_length=16, num_layers=1, heads=2, head_dim=8)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from models.pipeline import load_text_encoder
-from models.text import PromptTooLong
+from tbcm.models.pipeline import load_text_encoder
+from tbcm.models.text import PromptTooLong
 
 PROMPTS = ["a small red circle on the left", "there is a huge blue box in the middle", "", "red",
            "an image of a tiny purple plus sign near the top", "at the bottom, a big orange disc",

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-import models.training as training
-from models.training import (CHECKPOINT, atomic_write_safetensors, check_resume_config, learning_rate,
+import tbcm.models.training as training
+from tbcm.models.training import (CHECKPOINT, atomic_write_safetensors, check_resume_config, learning_rate,
                              load_checkpoint, read_safetensors, save_checkpoint, train_loop)
 
 

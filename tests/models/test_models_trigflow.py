@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_shift, flow_sigmas, flow_time,
+from tbcm.models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_shift, flow_sigmas, flow_time,
                              reference_route, renoise, trig_time, trigflow_from_flow, trigflow_step)
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from models import world
+from tbcm.world import world
 
 SEEDS = range(200)
 
@@ -48,11 +48,11 @@ def test_scene_and_render_are_deterministic_by_seed():
     assert len(scenes) > 20  # the seed matters
 
 
-def test_scene_is_the_same_in_another_process():
+def test_scene_is_the_same_in_another_process(tmp_path):
     """Seeds are strings hashed by random.Random (not hash()), so PYTHONHASHSEED cannot change a scene."""
-    code = "from models import world; s = world.sample_scene(7, 'heldout', 2); print(repr((s.caption, s.jitter)))"
+    code = "from tbcm.world import world; s = world.sample_scene(7, 'heldout', 2); print(repr((s.caption, s.jitter)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=str(world.__file__).rsplit("/models/", 1)[0])
+                         env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=tmp_path)
     here = world.sample_scene(7, "heldout", 2)
     assert out.stdout.strip() == repr((here.caption, here.jitter))
 

@@ -34,7 +34,7 @@ def wait_ready(get, timeout: float) -> None:
 def service_app():
     """One BentoML ASGI app for the session: its middlewares register Prometheus metrics once per process; each
     TestClient runs its lifespan anew, so every test still gets a fresh service instance with its own config."""
-    from service.service import TBCMService
+    from tbcm.service.service import TBCMService
 
     return TBCMService.to_asgi()
 
@@ -45,7 +45,7 @@ def make_service(monkeypatch, tiny_student_dir, service_app):
     wait_ready_s=0)."""
     from starlette.testclient import TestClient
 
-    from service.config import ServiceConfig
+    from tbcm.service.config import ServiceConfig
 
     stack = contextlib.ExitStack()
 
@@ -64,7 +64,7 @@ def make_service(monkeypatch, tiny_student_dir, service_app):
 
 @pytest.fixture(scope="session")
 def second_student_dir(tmp_path_factory):
-    from models.tiny import make_tiny_pipeline
+    from tiny import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "student-v2", student=True, seed=2)
 
@@ -85,9 +85,9 @@ def live_server(tiny_student_dir, tmp_path_factory):
     """`tbcm serve` of the tiny student on a free port; yields its base URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("live") / "serve.log"
-    env = {**os.environ, "TBCM_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "TBCM_ADMIN_TOKEN": ADMIN_TOKEN}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--model", str(tiny_student_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "tbcm.cli.main", "serve", "--model", str(tiny_student_dir),
                                  "--port", str(port), "--host", "127.0.0.1", "--threads", "1"],
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

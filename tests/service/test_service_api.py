@@ -8,8 +8,8 @@ import threading
 import pytest
 from PIL import Image
 
-from service.config import ServiceConfig
-from service.loadtest import parse_server_timing
+from tbcm.service.config import ServiceConfig
+from tbcm.service.loadtest import parse_server_timing
 
 PROMPT = "a small red circle in the middle"
 

@@ -164,7 +164,7 @@ class SlowerThanEstimatedModel:
 
 def answer(job, clock: FakeClock):
     """What the handler would answer: the batcher's refusal, else 504 when the images came after the deadline."""
-    from service.batcher import Rejected
+    from tbcm.service.batcher import Rejected
 
     try:
         job.future.result(timeout=60)
@@ -179,9 +179,9 @@ def test_deadline_margin_turns_504s_from_slow_batches_into_503s_before_compute(m
     late (504); with 1.25 the first is refused up front and the second is dropped before compute (503)."""
     from unittest.mock import MagicMock
 
-    from service.batcher import Batcher, Job, Rejected
-    from service.config import ServiceConfig
-    from service.metrics import Metrics
+    from tbcm.service.batcher import Batcher, Job, Rejected
+    from tbcm.service.config import ServiceConfig
+    from tbcm.service.metrics import Metrics
 
     clock = FakeClock()
     model = SlowerThanEstimatedModel(clock, estimate=1.0, real=1.5)
@@ -243,9 +243,9 @@ def test_calls_take_whole_microbatches_while_more_than_one_is_waiting(waiting, c
     (a call never pads a microbatch while a later request could have filled it)."""
     from unittest.mock import MagicMock
 
-    from service.batcher import Batcher, Job
-    from service.config import ServiceConfig
-    from service.metrics import Metrics
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+    from tbcm.service.metrics import Metrics
 
     clock = FakeClock()
     model = RecordingModel(clock)

@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from service.config import ServiceConfig
-from service.loadtest import LoadTestConfig, Recorder, parse_server_timing, percentile
+from tbcm.service.config import ServiceConfig
+from tbcm.service.loadtest import LoadTestConfig, Recorder, parse_server_timing, percentile
 
 
 def test_serve_fails_fast_naming_a_missing_model(tmp_path, capsys):
-    from cli.main import main
+    from tbcm.cli.main import main
 
     missing = tmp_path / "no-such-model"
     assert main(["serve", "--model", str(missing), "--port", "1"]) == 2
@@ -21,7 +21,7 @@ def test_serve_fails_fast_naming_a_missing_model(tmp_path, capsys):
 
 
 def test_serve_help_shows_every_knob_with_its_comment(capsys):
-    from cli.main import main
+    from tbcm.cli.main import main
 
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
@@ -37,7 +37,7 @@ def test_config_round_trips_through_the_environment():
 
 
 def test_generator_threads_leave_one_cpu_core_to_http_unless_set(monkeypatch):
-    from service.runtime import generator_threads
+    from tbcm.service.runtime import generator_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert generator_threads(ServiceConfig(device="cpu")) == 7
@@ -89,7 +89,7 @@ def test_server_timing_header_is_parsed_to_seconds():
 
 
 def test_sweep_doubles_then_bisects_to_the_highest_rate_meeting_the_slo(monkeypatch):
-    import service.loadtest as loadtest
+    import tbcm.service.loadtest as loadtest
 
     def fake_run(url, config):  # a server that meets the SLO up to 10 requests/s
         ok = config.rate <= 10
@@ -133,7 +133,7 @@ def stub_server():
 
 
 def test_load_against_a_stub_server_reports_statuses_timeouts_and_connection_errors(stub_server):
-    from service.loadtest import run_load
+    from tbcm.service.loadtest import run_load
 
     # rates are powers of two so the fixed arrival offsets are exact and the window holds rate x duration_s
     base = LoadTestConfig(mode="open", arrival="fixed", rate=16, duration_s=1, warmup_s=0.5, timeout_s=0.5,

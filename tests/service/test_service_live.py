@@ -61,7 +61,7 @@ def test_the_official_openai_client_works_unchanged(live_server):
 
 
 def test_loadtest_cli_open_and_closed_loop(live_server, tmp_path):
-    from cli.main import main
+    from tbcm.cli.main import main
 
     out = tmp_path / "open.json"
     assert main(["loadtest", live_server, "--mode", "open", "--arrival", "fixed", "--rate", "6",
@@ -82,7 +82,7 @@ def test_locustfile_runs_headless(live_server, tmp_path):
     result = subprocess.run([sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "locustfile.py"), "--headless",
                              "-u", "2", "-r", "2", "-t", "10s", "--host", live_server, "--only-summary",
                              "--csv", str(tmp_path / "locust")], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300)
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     stats = (tmp_path / "locust_stats.csv").read_text()
     assert "POST,/generate," in stats

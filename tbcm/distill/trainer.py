@@ -1,0 +1,308 @@
+"""`tbcm distill`: the TBCM trainer (and the data-based sCM baseline), one process or many under accelerate.
+
+Each step: pairs (teacher rollouts, precomputed rollout shards, or noised real images) -> sCM loss with one JVP
+and one differentiable forward -> clipped AdamW step, skipped when the gradient norm is not finite -> EMA.
+Every rank rolls out its own prompts (seeded by rank); gradients are averaged by DDP, or reduced by FSDP when the
+accelerate config shards the student (FSDP version 2; the JVP pass runs through the sharded model). Checkpoints
+are atomic and carry RNG state, so `--resume` continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import broadcast
+from diffusers import SCMScheduler
+
+from tbcm.world import world
+from tbcm.models.acceleration import maybe_install_kernels
+from tbcm.world.evaluate import EvalConfig, evaluate, save_grid
+from tbcm.models.generator import Generator
+from tbcm.models.pipeline import Pipeline, load_pipeline
+from tbcm.models.training import CHECKPOINT, RESUME_MAY_CHANGE, RunLog, check_resume_config, ema_update, learning_rate, \
+    load_checkpoint, load_rank_rng, prune_rank_rng, save_checkpoint, save_rank_rng, truncate_log
+
+from tbcm.distill.config import DistillConfig
+from tbcm.distill.dmd import dmd_loss, fake_denoiser, fake_denoiser_loss
+from tbcm.distill.export import teacher_fingerprint
+from tbcm.distill.ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
+from tbcm.distill.loss import endpoint_loss, one_step, prior_weight, scm_loss, tangent_r
+from tbcm.distill.pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout, \
+    start_pairs
+from tbcm.distill.rollout import RolloutShards
+from tbcm.distill.student import Student, freeze, student_from_teacher
+
+SAMPLE_PROMPTS = 8
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def load_teacher(config: DistillConfig, device) -> Pipeline:
+    teacher = load_pipeline(config.teacher, device=device)
+    if teacher.is_student:
+        raise ValueError(f"--teacher {config.teacher}: has a guidance embedding (a student); need a CFG teacher")
+    teacher.transformer.requires_grad_(False)
+    teacher.vae.requires_grad_(False)
+    teacher.text.microbatch = config.text_microbatch
+    return teacher
+
+
+def student_pipeline(teacher: Pipeline, transformer, info: dict | None = None) -> Pipeline:
+    """The student as a servable pipeline: its transformer with the teacher's VAE, text encoder and info."""
+    return Pipeline(transformer, teacher.vae, teacher.text, SCMScheduler(sigma_data=0.5),
+                    {**teacher.info, **(info or {})}, None)
+
+
+class Distiller:
+    def __init__(self, config: DistillConfig, resume: bool = False):
+        prior_weight(torch.ones(1), config.prior_weight)  # a wrong --prior-weight is named before any rollout
+        self.config, self.out = config, Path(config.out)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        if (config.ladd or config.dmd_weight) and self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("--ladd and --dmd-weight run with DDP only: accelerate's FSDP version 2 prepares one "
+                             "model per run, and the LADD heads or DMD's fake denoiser would be a second")
+        self.teacher = load_teacher(config, self.accelerator.device)
+        self.prompts = read_prompts(config.prompts, config.seed)
+        self.shards = RolloutShards(config.rollouts, config, teacher_fingerprint(self.teacher)["transformer_sha256"]) \
+            if config.rollouts else None
+        torch.manual_seed(config.seed)
+        self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
+        self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
+        freeze(self.student.transformer, config.frozen_modules)
+        self.ema = student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale).eval()
+        self.ema.requires_grad_(False)
+        self.ema.load_state_dict(self.student.transformer.state_dict())
+        maybe_install_kernels(self.student.transformer, config.use_kernels)
+        optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.discriminator = Discriminator(self.teacher.transformer, config.ladd_blocks).to(
+            self.accelerator.device) if config.ladd else None
+        if config.ladd:  # the heads' own param group: one optimizer to checkpoint, and as each step gives only one
+            # side gradients and Adam's state is per parameter, it acts as two AdamWs
+            optimizer.add_param_group({"params": list(self.discriminator.parameters()), "lr": config.ladd_lr})
+        self.fake_denoiser = fake_denoiser(self.teacher.transformer) if config.dmd_weight else None
+        if self.fake_denoiser is not None:  # likewise its own param group
+            optimizer.add_param_group({"params": list(self.fake_denoiser.parameters()), "lr": config.dmd_fake_lr})
+        self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.clip_groups = [list(self.model.parameters())]
+        if config.clip_logvar_apart:  # the head's gradient (about 1 per pair, whatever the loss) stays out of the
+            # budget that grad_clip gives the transformer: [transformer, head]
+            self.clip_groups = [[], []]
+            for name, param in self.model.named_parameters():
+                self.clip_groups[name.removeprefix("module.").startswith("logvar.")].append(param)
+        self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
+        self.wrapped_fake_denoiser = self.accelerator.prepare(self.fake_denoiser) if config.dmd_weight else None
+        self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
+        self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
+        rank = self.accelerator.process_index
+        if resume and (self.out / CHECKPOINT).exists():
+            check_resume_config(self.out, config, free=(*RESUME_MAY_CHANGE, "export_extrapolation"))
+            meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
+            self.step, self.counters = meta["step"], meta["extra"]["counters"]
+            if self.accelerator.num_processes > 1:  # and every rank its own, saved beside the checkpoint
+                load_rank_rng(self.out, rank, self.step)
+            if self.accelerator.is_main_process:
+                truncate_log(self.out, self.step)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            seed_everything(config.seed + rank)  # every rank rolls out its own prompts
+
+    def _modules(self) -> dict:
+        heads = {"ladd": self.discriminator} if self.discriminator is not None else {}
+        denoiser = {"dmd_fake": self.fake_denoiser} if self.fake_denoiser is not None else {}
+        return {"student": self.student, "ema": self.ema} | heads | denoiser
+
+    def _null(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's text states and mask for n prompts, on this rank's device (CFG's unconditional side)."""
+        return tuple(x.to(self.accelerator.device) for x in self.teacher.text.null(n))
+
+    def _conditioning(self, prompts: list[str]):
+        states, mask = self.teacher.text.encode(prompts)
+        return states.to(self.accelerator.device), mask.to(self.accelerator.device), *self._null(len(prompts))
+
+    def make_pairs(self):
+        """One step's pairs, the number of prompts the degenerate filter dropped, and the rollouts' start pairs
+        (noise at pi/2 with its endpoint; None for data pairs)."""
+        config = self.config
+        if config.pairs == "data":
+            scenes = [world.sample_scene(random.randrange(2**31), "train")
+                      for _ in range(config.prompts_per_step * config.points_per_trajectory)]
+            cond = self._conditioning([s.caption for s in scenes])
+            return data_pairs(self.teacher, scenes, *cond, config), 0, None
+        if self.shards is not None:
+            roll, prompts = self.shards.sample(config.prompts_per_step)
+            cond = self._conditioning(prompts)
+        else:
+            prompts = [random.choice(self.prompts) for _ in range(config.prompts_per_step)]
+            cond = self._conditioning(prompts)
+            roll = rollout(self.teacher, *cond, config)
+        pairs, dropped = pairs_from_rollout(roll, *cond[:2], config)
+        prompt_weight = pairs.weight[::config.points_per_trajectory]
+        if config.renoised_per_trajectory:
+            pairs = concat_pairs(pairs, renoised_endpoint_pairs(self.teacher, roll, prompt_weight, *cond, config))
+        return pairs, dropped, start_pairs(roll, *cond[:2], prompt_weight)
+
+    def train_step(self) -> dict:
+        config = self.config
+        t0 = time.perf_counter()
+        pairs, dropped, starts = self.make_pairs()
+        position = self.schedule_position()
+        r = tangent_r(position, config.tangent_warmup, config.calm_down_start, config.calm_down_steps, config.final_r)
+        student = self.accelerator.unwrap_model(self.model)
+        self.optimizer.param_groups[0]["lr"] = learning_rate(config, position + 1)  # the student's; heads: ladd_lr
+        with self.accelerator.autocast():
+            loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c, config.prior_weight, config.logvar_min)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if config.endpoint_weight:  # L = L_sCM + endpoint_weight L_end, its gradient added by a second backward
+            with self.accelerator.autocast():
+                end_loss = endpoint_loss(self.model, starts)
+            self.accelerator.backward(config.endpoint_weight * end_loss)
+            stats["endpoint"] = end_loss.item()
+        if config.dmd_weight:  # L = L_sCM + dmd_weight L_DMD, likewise
+            with self.accelerator.autocast():
+                x0_hat = one_step(self.model, starts)
+                distribution_loss = dmd_loss(self.teacher.transformer, self.fake_denoiser, x0_hat, starts,
+                                             self._null(len(starts.t)), config.dmd_shift, config.guidance_max_sigma)
+            self.accelerator.backward(config.dmd_weight * distribution_loss)
+            stats["dmd"] = distribution_loss.item()
+        if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
+            ladd_batch, fake = self._ladd_generator(pairs, stats)
+        norms = [self.accelerator.clip_grad_norm_(group, config.grad_clip) for group in self.clip_groups]
+        grad_norm = norms[0]  # the student's (the whole model's unless clip_logvar_apart)
+        if all(torch.isfinite(norm) for norm in norms):
+            self.optimizer.step()
+            ema_update(self.ema, student.transformer, config.ema_decay)
+        else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)
+            self.counters["skipped_steps"] += 1
+        if config.ladd:  # then the alternating discriminator step
+            stats["d_loss"] = self._side_step(lambda: discriminator_loss(
+                self.wrapped_discriminator, self.teacher.transformer, ladd_batch.x0, fake, ladd_batch.states,
+                ladd_batch.mask, config), self.discriminator.parameters())
+        for _ in range(config.dmd_fake_updates if config.dmd_weight else 0):  # and the fake denoiser's steps
+            stats["fake"] = self._side_step(lambda: fake_denoiser_loss(
+                self.wrapped_fake_denoiser, x0_hat.detach(), starts, config.dmd_shift), self.fake_denoiser.parameters())
+        self.step += 1
+        elapsed = time.perf_counter() - t0
+        self.counters["pairs"] += len(pairs.t)
+        self.counters["degenerate_prompts"] += dropped
+        self.counters["train_time_s"] += elapsed
+        if config.fit_schedule_to_budget:  # the bar has no total then: what is left of the budget stands for an ETA
+            stats.update(schedule_step=position, budget_left_s=config.time_budget_s - self.counters["train_time_s"])
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "r": r, "pairs_per_s": len(pairs.t) / elapsed,
+                **stats, **{k: v for k, v in self.counters.items() if k != "pairs"}}
+
+    def budget_spent(self) -> float:
+        """Training time over the time budget (0 without one), on rank 0's clock, so that every rank reads the same
+        schedule and stops at the same step. The clock only moves when a step ends, so it is broadcast once per step:
+        the stop check after a step and the next step's schedule read the same value."""
+        if not self.config.time_budget_s:
+            return 0.0
+        if self._spent_at[0] != self.step:
+            clock = torch.tensor([self.counters["train_time_s"]], dtype=torch.float64, device=self.accelerator.device)
+            self._spent_at = (self.step, broadcast(clock, from_process=0).item() / self.config.time_budget_s)
+        return self._spent_at[1]
+
+    def _continues(self) -> bool:
+        """Whether another step runs: steps remain (unless the schedule is fitted to the budget) and budget does."""
+        return (self.config.fit_schedule_to_budget or self.step < self.config.steps) and self.budget_spent() < 1
+
+    def schedule_position(self) -> int:
+        """The step the schedules read: the step itself, or with fit_schedule_to_budget the budget's spent share of
+        the steps, so warm-ups, calm-down and cosine decay all end when the budget does."""
+        if not self.config.fit_schedule_to_budget:
+            return self.step
+        return min(self.config.steps, int(self.config.steps * self.budget_spent()))
+
+    def _ladd_generator(self, pairs, stats: dict):
+        """Backpropagates ladd_weight L_G into the student (one forward per backward, as DDP wants) on one pair
+        per prompt; returns that batch and its detached fakes x̂0 for the discriminator step."""
+        batch = one_per_prompt(pairs, self.config.points_per_trajectory, self.config.prompts_per_step)
+        with self.accelerator.autocast():
+            g_loss, fake = generator_loss(self.discriminator, self.teacher.transformer, self.model, batch,
+                                          self.config)
+        self.accelerator.backward(self.config.ladd_weight * g_loss)
+        stats["g_loss"] = g_loss.item()
+        return batch, fake
+
+    def _side_step(self, loss_fn, parameters) -> float:
+        """One step of a side network on the pre-update one-step samples: the LADD heads' hinge step (clean x0 as
+        real, x̂0 as fake) or DMD's fake denoiser's denoising step. Only its parameters get gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.accelerator.autocast():
+            loss = loss_fn()
+        self.accelerator.backward(loss)
+        if torch.isfinite(self.accelerator.clip_grad_norm_(parameters, self.config.grad_clip)):
+            self.optimizer.step()
+        return loss.item()
+
+    def pipeline(self) -> Pipeline:
+        """The student as a pipeline, with the EMA weights (what is sampled, evaluated and exported)."""
+        return student_pipeline(self.teacher, self.ema)
+
+    def sample_grid(self) -> Path:
+        """Fixed prompts and seeds at 1, 2 and 4 steps: one row per step count."""
+        scenes = [world.sample_scene(i, "heldout" if i % 2 else "train") for i in range(SAMPLE_PROMPTS)]
+        generator = Generator(self.pipeline())
+        rows = [generator.generate([s.caption for s in scenes], list(range(SAMPLE_PROMPTS)), steps).images
+                for steps in (1, 2, 4)]
+        path = self.out / "samples" / f"step{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(torch.cat(rows), path, columns=SAMPLE_PROMPTS)
+        (path.parent / "prompts.txt").write_text("\n".join(s.caption for s in scenes) + "\n")
+        return path
+
+    def evaluate_now(self) -> dict:
+        result = evaluate(EvalConfig(model="student", steps=1, n=self.config.eval_n), self.pipeline())
+        record = {"step": self.step, "train_time_s": self.counters["train_time_s"], "fd": result["fd"],
+                  "accuracy": result["accuracy"]}
+        with open(self.out / "eval_curve.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return record
+
+    def save(self) -> None:
+        """The checkpoint (every rank gathers, rank 0 writes); with several processes every rank first writes its
+        RNG state beside it, and its older RNG files go only once the new checkpoint is committed, so a kill leaves
+        a consistent set."""
+        accelerator, several = self.accelerator, self.accelerator.num_processes > 1
+        if several:
+            save_rank_rng(self.out, accelerator.process_index, self.step)
+            accelerator.wait_for_everyone()
+        save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config, {"counters": self.counters})
+        if several:
+            accelerator.wait_for_everyone()
+            prune_rank_rng(self.out, accelerator.process_index, self.step)
+
+    def train(self) -> None:
+        config = self.config
+        total = None if config.fit_schedule_to_budget else config.steps  # fitted: the budget, not a count, ends it
+        log = RunLog(self.out, total, self.step, f"distill ({config.pairs})") \
+            if self.accelerator.is_main_process else None
+        if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
+            self.evaluate_now()
+        continues = self._continues()  # read once per step: under DDP it is a broadcast of rank 0's clock
+        while continues:
+            metrics = self.train_step()
+            continues = self._continues()
+            if log:
+                log.step(self.step, **metrics)
+            if self.accelerator.is_main_process:
+                if config.sample_every and self.step % config.sample_every == 0:
+                    self.sample_grid()
+                if config.eval_every and self.step % config.eval_every == 0:
+                    self.evaluate_now()
+            if self.step % config.checkpoint_every == 0 and continues:  # the final save follows the loop
+                self.save()
+        if config.eval_every and self.step % config.eval_every and self.accelerator.is_main_process:
+            self.evaluate_now()  # the curve's last point is where training stopped
+        self.save()  # the final state, whether the step count or the time budget ended the run
+        if log:
+            log.close()

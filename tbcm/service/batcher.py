@@ -1,0 +1,244 @@
+"""The in-process batcher: a bounded queue in front of ONE generator thread.
+
+Admission (on the event loop, `submit`): a full queue answers 429 at once; a request whose estimated finish
+(running batch + queued work + its own batch, from each model's batch-time model) is past its deadline answers
+503 at once. Both carry Retry-After: the estimated seconds until the queue has drained.
+Both deadline checks (admission and the drop before compute, below) stretch the estimate by `deadline_margin`:
+a batch can take longer than the estimate (CPU contention, a slower GPU clock), and a request that then misses its
+deadline is answered 504 after its compute was spent; the margin makes such requests 503 before compute instead.
+
+The generator thread takes the oldest request and every later one with the same (model, steps, size) that fits
+into `max_batch` images (guidance may differ per image), and runs them as one generator call. While more than one
+microbatch of images waits, that limit is rounded down to whole microbatches: the rest waits for the next call,
+where it fills padding rows, instead of adding a mostly padded microbatch to this call. Right before the
+call it drops requests whose handler gave up (client disconnected, or timed out) and answers 503 to those whose
+deadline the call would miss. Requests carry the model they were validated against, so a hot swap never changes
+the model under a queued request: old requests finish on the old model, new ones go to the new model.
+Model warm-ups run on the same thread between batches (`call`), so all device work stays on one thread.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tbcm.service.config import ServiceConfig
+from tbcm.service.metrics import Metrics
+from tbcm.service.runtime import LoadedModel
+
+log = logging.getLogger("tbcm.service")
+
+
+class Rejected(Exception):
+    """A request answered without images: HTTP status, metrics reason, message, optional Retry-After seconds."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+
+
+@dataclass(eq=False)
+class Job:
+    model: LoadedModel
+    prompts: list[str]          # one per image
+    seeds: list[int]
+    guidance: list[float]
+    steps: int
+    size: int
+    deadline: float             # time.monotonic() by which the answer must be out
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        return self.model, self.steps, self.size
+
+    @property
+    def images(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class BatchResult:
+    images: torch.Tensor        # uint8 (n, H, W, 3), this request's rows of the batch
+    batch_size: int             # images in the whole generator call
+    timings: dict               # seconds per stage of the whole call (text_encoding, transformer, vae_decode)
+    queue_wait: float           # seconds from arrival to the start of its call
+
+
+class Batcher:
+    def __init__(self, config: ServiceConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+        self.config, self.metrics = config, metrics
+        self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
+        self._queue: deque[Job] = deque()
+        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._cond = threading.Condition()
+        self._running: tuple[float, float] | None = None  # (start, estimated seconds) of the call in progress
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="tbcm-generator", daemon=True)
+        self._thread.start()
+
+    def state(self) -> dict:
+        with self._cond:
+            return {"waiting": len(self._queue), "running": self._running is not None,
+                    "backlog_s": round(self._backlog(self._clock(), []), 3)}
+
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise Rejected (429 queue full, 503 deadline cannot be met)."""
+        with self._cond:
+            now = self._clock()
+            if self._closed:
+                raise Rejected(503, "not_ready", "the service is shutting down", retry_after=1)
+            if len(self._queue) >= self.config.max_queue:
+                raise Rejected(429, "queue_full", f"the queue is full ({self.config.max_queue} requests waiting)",
+                               retry_after=self._backlog(now, []))
+            estimate = self._backlog(now, [job])
+            if now + self.config.deadline_margin * estimate > job.deadline:
+                raise Rejected(503, "deadline", f"cannot answer within {self.config.request_timeout_s:g} s "
+                               f"(estimated {estimate:.2f} s, x{self.config.deadline_margin:g} safety margin)",
+                               retry_after=self._backlog(now, []))
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            waiting, self._queue = list(self._queue), deque()
+            calls, self._calls = list(self._calls), deque()
+            self._cond.notify()
+        for _, future in calls:
+            future.set_exception(RuntimeError("the service is shutting down"))
+        for job in waiting:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Rejected(503, "not_ready", "the service is shutting down", retry_after=1))
+        self._thread.join(timeout=60)
+
+    def _batch_seconds(self, key: tuple, images: int) -> float:
+        model, steps, size = key
+        return model.times.estimate(steps, size, images)
+
+    def _backlog(self, now: float, extra: list[Job]) -> float:
+        """Estimated seconds until the running call, every queued job and `extra` are done (lock held)."""
+        total = 0.0 if self._running is None else max(0.0, sum(self._running) - now)
+        images = Counter()
+        for job in [*self._queue, *extra]:
+            if not job.future.cancelled():
+                images[job.key] += job.images
+        for key, count in images.items():
+            full, rest = divmod(count, self.config.max_batch)
+            total += full * self._batch_seconds(key, self.config.max_batch)
+            total += self._batch_seconds(key, rest) if rest else 0.0
+        return total
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the generator thread before the next batch (model warm-up: all device work on one thread,
+        so CUDA-graph capture never overlaps another thread's kernels)."""
+        future = Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def _next_work(self) -> tuple[Callable, Future] | list[Job] | None:
+        """Block for work: a pending call, else the oldest job plus every queued job that can share its generator
+        call; None once closed."""
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].future.cancelled():
+                    self._queue.popleft()
+                if self._calls or self._queue or self._closed:
+                    break
+                self.metrics.queue_depth.set(0)
+                self._cond.wait()
+            if self._closed:
+                return None
+            if self._calls:
+                return self._calls.popleft()
+            head = self._queue.popleft()
+            live = [job for job in self._queue if not job.future.cancelled()]
+            limit = self._call_limit(head, [job for job in live if job.key == head.key])
+            batch, images, kept = [head], head.images, deque()
+            for job in live:
+                if job.key == head.key and images + job.images <= limit:
+                    batch.append(job)
+                    images += job.images
+                else:
+                    kept.append(job)
+            self._queue = kept
+            self.metrics.queue_depth.set(len(kept))
+            self._running = (self._clock(), self._batch_seconds(head.key, images))
+            return batch
+
+    def _call_limit(self, head: Job, same_key: list[Job]) -> int:
+        """Most images for the call that `head` starts: max_batch, rounded down to whole microbatches while more
+        than one microbatch is waiting (a part-filled microbatch is padded, and costs as much as a full one)."""
+        rows, waiting = self.config.microbatch, head.images + sum(job.images for job in same_key)
+        if waiting <= rows:
+            return self.config.max_batch
+        return max(head.images, min(self.config.max_batch, waiting) // rows * rows)
+
+    def _loop(self) -> None:
+        while (work := self._next_work()) is not None:
+            if isinstance(work, tuple):
+                fn, future = work
+                try:
+                    future.set_result(fn())
+                except Exception as err:
+                    future.set_exception(err)
+                continue
+            try:
+                self._run(work)
+            except Exception:  # a failed call fails its requests (500, logged here), never the generator thread
+                log.exception("generator call failed (%d requests)", len(work))
+                for job in work:
+                    if not job.future.done():
+                        job.future.set_exception(Rejected(500, "failed", "image generation failed; see the log"))
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _admit(self, batch: list[Job]) -> list[Job]:
+        """The jobs still worth computing: not given up by their handler, and able to meet their deadline (with the
+        batch taking deadline_margin times its estimate)."""
+        now = self._clock()
+        estimate = self._batch_seconds(batch[0].key, sum(job.images for job in batch))
+        finish = now + self.config.deadline_margin * estimate
+        live = []
+        for job in batch:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # its handler cancelled it (client gone or timed out) and counted it
+            if finish > job.deadline:
+                job.future.set_exception(Rejected(503, "deadline", "dropped before compute: its batch would end "
+                                                  "past the request's deadline", retry_after=finish - now))
+                continue
+            self.metrics.observe_stage("queue_wait", now - job.arrived)
+            live.append(job)
+        return live
+
+    def _run(self, batch: list[Job]) -> None:
+        live = self._admit(batch)
+        if not live:
+            return
+        model, steps, size = live[0].key
+        started = self._clock()
+        generation = model.generate([p for job in live for p in job.prompts], [s for job in live for s in job.seeds],
+                                    steps, size, [g for job in live for g in job.guidance],
+                                    self.config.simulated_delay_s)
+        total = sum(job.images for job in live)
+        self.metrics.batch_size.observe(total)
+        for stage, seconds in generation.timings.items():
+            self.metrics.observe_stage(stage, seconds)
+        offset = 0
+        for job in live:
+            rows = generation.images[offset:offset + job.images]
+            offset += job.images
+            job.future.set_result(BatchResult(rows, total, generation.timings, started - job.arrived))
