@@ -17,11 +17,6 @@ WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the 
 LOCK := requirements.lock# every dependency, direct and transitive, at its exact version (made by `make lock`)
 SERVE_LOCK := requirements-serve.lock# the same versions, serving's share only: what the bento installs
 TORCH := torch==2.13.0# a CPU build from this machine's disk, a CUDA build elsewhere: both satisfy the lock
-LOCK_PLATFORM := --python-version 3.11 --python-platform x86_64-unknown-linux-gnu
-# uv looks only where it is told: PIP_FIND_LINKS (where set) holds the local torch build the lock names
-UV_COMPILE = $(BIN)/uv pip compile $(LOCK_PLATFORM) $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} \
-	--custom-compile-command "make lock" --quiet
-
 # The lock installs with pip (which finds the local torch build where uv would not), then the project without deps.
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,10 +29,7 @@ install: $(STAMP)
 # Re-resolve both locks from pyproject's ranges (the newest versions they admit, torch held at $(TORCH)).
 lock:
 	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PY) -m venv $(VENV); $(PIP) install -q uv; }
-	echo "$(TORCH)" | $(UV_COMPILE) pyproject.toml - --all-extras -o $(LOCK)
-	sed -i 's/^torch==\([0-9.]*\)+[a-z0-9]*$$/torch==\1/' $(LOCK)
-	echo "$(TORCH)" | $(UV_COMPILE) pyproject.toml - --extra serve -c $(LOCK) -o $(SERVE_LOCK)
-	sed -i 's/^torch==\([0-9.]*\)+[a-z0-9]*$$/torch==\1/' $(SERVE_LOCK)
+	bash tools/lock.sh "$(TORCH)"
 
 # Not in CI: the newest versions pyproject admits, in a throwaway venv, against the fast tests (drift found on purpose).
 check-latest: install
