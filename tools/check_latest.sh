@@ -19,7 +19,8 @@ locked = dict(re.findall(r"^([A-Za-z0-9._-]+)==([^\s;]+)", Path("requirements.lo
 locked = {name(k): v for k, v in locked.items()}
 frozen = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude-editable"],
                         capture_output=True, text=True, check=True).stdout
-newest = {name(k): v for k, v in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", frozen, re.M)}
+# a local build's label (torch 2.13.0+cpu) is the same release as the lock's plain version
+newest = {name(k): v.split("+")[0] for k, v in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", frozen, re.M)}
 rows = [f"{k}: {locked.get(k, 'not locked')} -> {v}" for k, v in sorted(newest.items())
         if locked.get(k) != v and k not in ("pip", "setuptools", "wheel")]
 rows += [f"{k}: {v} -> not installed" for k, v in sorted(locked.items()) if k not in newest]
