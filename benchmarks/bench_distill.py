@@ -47,14 +47,15 @@ def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
 
 def run_one(teacher: str, pairs: str, steps: int, prompts_per_step: int, points: int, out: Path) -> dict:
     """Train `steps` iterations in this process and report time and memory (first iteration excluded)."""
+    from tbcm.cli.distill import sources
     from tbcm.distill.config import DistillConfig
     from tbcm.distill.trainer import Distiller
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    distiller = Distiller(DistillConfig(teacher=teacher, out=str(out), pairs=pairs, steps=steps,
-                                        prompts_per_step=prompts_per_step, points_per_trajectory=points,
-                                        sample_every=0, eval_every=0, checkpoint_every=10**9))
+    config = DistillConfig(teacher=teacher, out=str(out), pairs=pairs, steps=steps, prompts_per_step=prompts_per_step,
+                           points_per_trajectory=points, sample_every=0, eval_every=0, checkpoint_every=10**9)
+    distiller = Distiller(config, sources(config))  # --prompts world: the world's captions and renders
     times = []
     for _ in range(steps):
         metrics = distiller.train_step()

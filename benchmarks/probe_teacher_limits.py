@@ -28,7 +28,7 @@ import torch
 
 from tbcm.models import generator  # noqa: E402
 from tbcm.world import world  # noqa: E402
-from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate, real_images  # noqa: E402
+from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate  # noqa: E402
 from tbcm.world.evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of  # noqa: E402
 from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline  # noqa: E402
 from tbcm.models.trigflow import SIGMA_DATA, consistency_x0, renoise, trig_time, trigflow_from_flow  # noqa: E402
@@ -63,11 +63,11 @@ def reconstruction_floor(model: str, prompts: str, n: int, seed: int) -> dict:
     size, vae = evaluator.config["image_size"], load_pipeline(model).vae
     scenes, references = ([world.sample_scene(base + seed * n + i, prompts) for i in range(n)]
                           for base in (EVAL_SEED_BASE, REFERENCE_SEED_BASE))
-    real = real_images(scenes, size)
+    real = world.render_tensor(scenes, size)
     decoded = torch.cat([vae.decode(vae.encode(real[i:i + 128]).latent).sample for i in range(0, n, 128)])
     decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
     feats, logits = measure(evaluator, decoded)
-    ref_feats, _ = measure(evaluator, real_images(references, size))
+    ref_feats, _ = measure(evaluator, world.render_tensor(references, size))
     accuracy, per_attribute = attribute_accuracy(logits, targets_of(scenes))
     return {"fd": frechet_distance(feats, ref_feats), "accuracy": accuracy, "accuracy_per_attribute": per_attribute}
 

@@ -1,22 +1,26 @@
-"""`tbcm distill`, `tbcm rollout`, `tbcm export`: the TBCM trainer and what surrounds it."""
+"""`tbcm distill`, `tbcm rollout`, `tbcm export`: the TBCM trainer and what surrounds it, wired to its sources:
+the embedded shapes world for `--prompts world`, or a prompt file alone (a real teacher's prompts)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from tbcm.cli.options import add_config_options, config_from_args, override_config
+from tbcm.distill.config import DistillConfig, RolloutConfig
+from tbcm.distill.export import export_student, load_student_checkpoint
+from tbcm.distill.sources import SAMPLE_PROMPTS, Evaluator, Sources, prompt_file_sources
+from tbcm.world import sources as world
 
 EXPORT_OVERRIDES = ("export_extrapolation",)  # run options that `tbcm export` may change (unset: the run's own)
+WORLD = "world"  # the --prompts value that names the embedded world
 
 
 def register(sub) -> None:
-    from tbcm.distill.config import DistillConfig
-    from tbcm.distill.rollout import RolloutConfig
-
     p = sub.add_parser("distill", help="distil a teacher into a one-step student (TBCM, or --pairs data)")
     add_config_options(p, DistillConfig)
     p.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
     p.add_argument("--export", default=None, help="after training, export the student to this folder")
-    p.add_argument("--export-eval-n", type=int, default=0, help="images per split for the manifest's eval")
+    p.add_argument("--export-eval-n", type=int, default=0,
+                   help="images per split for the manifest's eval (--prompts world; a prompt file has no evaluator)")
     p.set_defaults(handler=distill)
 
     r = sub.add_parser("rollout", help="precompute teacher trajectories into sharded safetensors files")
@@ -35,32 +39,45 @@ def register(sub) -> None:
     e.set_defaults(handler=export)
 
 
-def distill(args) -> None:
-    from tbcm.distill.config import DistillConfig
-    from tbcm.distill.export import export_student
-    from tbcm.distill.trainer import Distiller
+def sources(config: DistillConfig) -> Sources:
+    """What `--prompts` names: the world's training captions (seeded by the run), sample captions, rendered scenes
+    and evaluator; or a prompt file, with no images and no evaluator."""
+    if config.prompts != WORLD:
+        return prompt_file_sources(config.prompts)
+    return Sources(world.training_captions(config.seed), world.sample_captions(SAMPLE_PROMPTS), world.SceneImages(),
+                   world_evaluator())
 
-    distiller = Distiller(config_from_args(DistillConfig, args), resume=args.resume)
+
+def world_evaluator() -> Evaluator:
+    """The shipped evaluator's FD and accuracy on the world's train and held-out splits."""
+    return Evaluator(world.student_metrics, world.SPLITS)
+
+
+def distill(args) -> None:
+    from tbcm.distill.trainer import Distiller  # accelerate: the `train` extra
+
+    config = config_from_args(DistillConfig, args)
+    run = sources(config)
+    distiller = Distiller(config, run, resume=args.resume)
     distiller.train()
-    if args.export and distiller.accelerator.is_main_process:
+    if args.export and distiller.main:
         path = export_student(distiller.pipeline(), distiller.teacher, distiller.config, Path(args.export),
-                              distiller.step, distiller.counters, args.export_eval_n)
+                              distiller.step, distiller.counters, run.evaluator, args.export_eval_n)
         print(f"exported {path}")
 
 
 def rollout(args) -> None:
-    from tbcm.distill.config import DistillConfig
-    from tbcm.distill.rollout import RolloutConfig, write_rollouts
+    from tbcm.distill.rollout import write_rollouts  # accelerate: the `train` extra
 
-    paths = write_rollouts(config_from_args(DistillConfig, args), config_from_args(RolloutConfig, args),
-                           Path(args.out))
+    config = config_from_args(DistillConfig, args)
+    paths = write_rollouts(config, config_from_args(RolloutConfig, args), sources(config).prompts, Path(args.out))
     print(f"wrote {len(paths)} shard(s) to {args.out}")
 
 
 def export(args) -> None:
-    from tbcm.distill.export import export_student, load_student_checkpoint
-
     student, teacher, config, step, counters = load_student_checkpoint(Path(args.run))
     config = override_config(config, args, EXPORT_OVERRIDES)
-    path = export_student(student, teacher, config, Path(args.out), step, counters, args.eval_n, args.standalone)
+    evaluator = world_evaluator() if config.prompts == WORLD else None
+    path = export_student(student, teacher, config, Path(args.out), step, counters, evaluator, args.eval_n,
+                          args.standalone)
     print(f"exported {path}")

@@ -9,8 +9,17 @@ import typing
 
 
 def _comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field line in the dataclass source, with the comment-only lines below it
-    whose `#` stands in the same column (its continuation) joined on."""
+    """The help of each field: the trailing `# comment` of its line in the dataclass source, with the comment-only
+    lines below it whose `#` stands in the same column (its continuation) joined on. Base classes are read first,
+    so a field that a subclass restates without a comment (a new default) keeps its base's help."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found |= _own_comments(klass)
+    return found
+
+
+def _own_comments(cls) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

@@ -4,14 +4,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffusers import AutoencoderDC
+from PIL import Image
+
 from tbcm.cli.options import add_config_options, config_from_args
+from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
+from tbcm.models.pipeline import embedded_text_encoder, load_pipeline
+from tbcm.models.training import save_grid
+from tbcm.world import evaluate as world_eval
+from tbcm.world import ship, teacher_train, world_train
+from tbcm.world.evaluate import EvalConfig
+from tbcm.world.teacher_train import TeacherConfig
+from tbcm.world.world_train import EvaluatorConfig, VAEConfig
 
 
 def register(sub) -> None:
-    from tbcm.world.evaluate import EvalConfig
-    from tbcm.world.teacher_train import TeacherConfig
-    from tbcm.world.world_train import EvaluatorConfig, VAEConfig
-
     world = sub.add_parser("world", help="train and ship the embedded shapes world (VAE, evaluator, teacher)")
     world_sub = world.add_subparsers(dest="world_command", required=True)
     for name, cls, handler in (("train-vae", VAEConfig, train_vae), ("train-evaluator", EvaluatorConfig,
@@ -49,42 +56,26 @@ def register(sub) -> None:
 
 
 def train_vae(args) -> None:
-    from tbcm.world.world_train import train_vae as run
-
-    run(config_from_args(args.config_cls, args), Path(args.out), resume=args.resume)
+    world_train.train_vae(config_from_args(args.config_cls, args), Path(args.out), resume=args.resume)
 
 
 def train_evaluator(args) -> None:
-    from tbcm.world.world_train import train_evaluator as run
-
-    run(config_from_args(args.config_cls, args), Path(args.out), resume=args.resume)
+    world_train.train_evaluator(config_from_args(args.config_cls, args), Path(args.out), resume=args.resume)
 
 
 def train_teacher(args) -> None:
-    from diffusers import AutoencoderDC
-
-    from tbcm.models.pipeline import embedded_text_encoder
-    from tbcm.world.teacher_train import train_teacher as run
-
     config = config_from_args(args.config_cls, args)
     vae = AutoencoderDC.from_pretrained(Path(args.vae) / "vae", use_safetensors=True).eval()
-    run(config, vae, embedded_text_encoder(config.max_sequence_length), Path(args.out), resume=args.resume)
+    teacher_train.train_teacher(config, vae, embedded_text_encoder(config.max_sequence_length), Path(args.out),
+                                resume=args.resume)
 
 
 def ship_world(args) -> None:
-    from tbcm.world.ship import ship_world as run
-
-    run(Path(args.vae), Path(args.evaluator) if args.evaluator else None, Path(args.teacher), Path(args.weights) if args.weights else None,
-        args.eval_n)
+    ship.ship_world(Path(args.vae), Path(args.evaluator) if args.evaluator else None, Path(args.teacher),
+                    Path(args.weights) if args.weights else None, args.eval_n)
 
 
 def generate(args) -> None:
-    from PIL import Image
-
-    from tbcm.world.evaluate import save_grid
-    from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
-    from tbcm.models.pipeline import load_pipeline
-
     generator = Generator(load_pipeline(args.model))
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     out = generator.generate([args.prompt] * args.n, [args.seed + i for i in range(args.n)], args.steps, guidance,
@@ -99,7 +90,5 @@ def generate(args) -> None:
 
 
 def evaluate(args) -> None:
-    from tbcm.world.evaluate import EvalConfig, evaluate as run
-
-    result = run(config_from_args(EvalConfig, args))
+    result = world_eval.evaluate(config_from_args(EvalConfig, args))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))

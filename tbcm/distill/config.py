@@ -1,18 +1,26 @@
-"""The one config of a distillation run: every knob, defined once, saved with every checkpoint."""
+"""The configs of distillation: every knob of a run, defined once and saved with every checkpoint, and the
+rollout bank's own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from tbcm.models.training import TrainConfig
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainConfig):
+    # the shared training knobs at distillation's defaults (grad_clip 0.1: Sana-Sprint Alg. 2 and TBCM's config)
+    steps: int = 250
+    warmup_steps: int = 20
+    grad_clip: float = 0.1
+    checkpoint_every: int = 50
     teacher: str = "teacher"              # teacher pipeline folder or shipped name
-    prompts: str = "world"                # prompt file (one per line) or "world" (training-split captions)
+    prompts: str = "world"                # prompt file (one per line; no images, no evaluator), or "world": the
+                                          #   embedded world's captions, renders and evaluator (tbcm/cli/distill.py)
     out: str = "runs/distill"             # run folder: checkpoint, metrics.jsonl, samples, export/
-    pairs: str = "trajectory"             # "trajectory" (TBCM, image-free) or "data" (sCM on real world images)
+    pairs: str = "trajectory"             # "trajectory" (TBCM, image-free) or "data" (sCM on captioned images)
     rollouts: str | None = None           # folder of `tbcm rollout` shards to read instead of rolling out
-    seed: int = 0                         # everything is a function of it (per rank: seed + rank)
-    steps: int = 250                      # optimizer steps
     time_budget_s: float = 0.0            # also stop once training time (evals excluded) reaches this; 0: off
     fit_schedule_to_budget: bool = False  # run the step schedule (warm-ups, calm-down, cosine) over the
                                           #   budget: position = steps x time spent / time_budget_s
@@ -37,39 +45,33 @@ class DistillConfig:
                                           #   above (guidance interval); 1: everywhere (rollouts, pairs, DMD)
     p_mean: float = -0.8                  # log-normal TrigFlow proposal tan t = e^tau / sigma_d, tau ~ N(p_mean,
     p_std: float = 1.6                    #   p_std^2): data pairs and --time-sampling lognormal (sCM App. G)
-    lr: float = 1e-4                      # AdamW learning rate (after warm-up)
-    warmup_steps: int = 20                # linear LR warm-up
-    cosine_decay: bool = False            # after warm-up, anneal the lr to 0 at `steps` (else constant)
     weight_decay: float = 0.0             # AdamW weight decay
-    grad_clip: float = 0.1                # max global grad norm (Sana-Sprint / TBCM)
     clip_logvar_apart: bool = False       # clip the log-variance head's gradient on its own, not with the student's
-    tangent_warmup: int = 100             # r = min(1, step / tangent_warmup) (sCM §4.2)
-    calm_down_start: int = 10**9          # step at which r starts moving to final_r (TBCM config: 15000)
-    calm_down_steps: int = 2000           # length of that linear move
-    final_r: float = 0.75                 # r after the calm-down
-    tangent_norm_c: float = 0.1           # g <- g / (||g|| + c), per sample (sCM §4.2)
+    tangent_warmup: int = 100             # r = min(1, step / tangent_warmup) (sCM §4.2, tangent warmup)
+    calm_down_start: int = 10**9          # step at which r starts moving to final_r (TBCM's config: 15000)
+    calm_down_steps: int = 2000           # length of that linear move (TBCM's config: 2000)
+    final_r: float = 0.75                 # r after the calm-down (TBCM's config: 0.75)
     learn_logvar: bool = True             # learn the log-variance weighting (sCM eq. 14); off: logvar stays 0
     logvar_min: float | None = None       # lower bound on the learned logvar, i.e. at most e^-min extra weight
     prior_weight: str = "tan"             # per-pair prior: "tan" = 1/(sigma_d tan t) (sCM eq. 14), "uniform" = 1
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
     frozen_modules: str = ""              # parameters named with any of these comma-separated parts stay the teacher's
                                           #   (e.g. "attn2,caption": the text pathway); "": train every one
-    ema_decay: float = 0.99               # EMA of the exported student
     export_extrapolation: float = 1.0     # export teacher + this x (EMA student - teacher) (ExPO); 1: as trained
                                           #   (past 1 it carries the training's weight change further)
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
-    checkpoint_every: int = 50            # steps between atomic checkpoints
-    eval_every: int = 100                 # steps between FD/accuracy evaluations (0: off): FD-vs-time curves
+    eval_every: int = 100                 # steps between evaluations of the 1-step student (0: off; runs without
+                                          #   an evaluator have none): FD-vs-time curves in eval_curve.jsonl
     eval_n: int = 256                     # images per periodic evaluation
-    use_kernels: bool | None = None       # Triton kernels in the student (default: on with CUDA, off on CPU)
-    mixed_precision: str = "no"           # accelerate mixed precision: "no", "fp16" or "bf16"
-    ladd: bool = False                    # add Sana-Sprint's adversarial branch (distill-spec §6; real = endpoints)
-    ladd_weight: float = 0.5              # L = L_sCM + ladd_weight L_G (Sprint Tab. 5)
-    ladd_blocks: tuple = ()               # teacher blocks feeding a discriminator head; () = 4 evenly spaced
+    ladd: bool = False                    # add Sana-Sprint's adversarial branch (Sana-Sprint §3.3; TBCM pairs use
+                                          #   their rollout endpoints as the real side)
+    ladd_weight: float = 0.5              # L = L_sCM + ladd_weight L_G (Sana-Sprint Tab. 5)
     ladd_lr: float = 1e-4                 # AdamW learning rate of the discriminator heads (constant)
-    ladd_p_mean: float = -0.6             # discriminator re-noising time: log-normal TrigFlow proposal with
-    ladd_p_std: float = 1.0               #   (ladd_p_mean, ladd_p_std) (Sprint Tab. 8)
-    ladd_max_time_prob: float = 0.5       # generator input t set to pi/2 with this probability (Sprint Tab. 6)
+
+    # knobs removed since runs were saved, with the value each is fixed at now (a saved run with another value
+    # cannot be resumed or exported; tbcm.models.training.saved_config)
+    retired: ClassVar[dict] = {"tangent_norm_c": 0.1, "use_kernels": None, "mixed_precision": "no",
+                               "ladd_blocks": (), "ladd_p_mean": -0.6, "ladd_p_std": 1.0, "ladd_max_time_prob": 0.5}
 
     def __post_init__(self):
         """Refuse a bad combination when the config is built: before any rollout, and never after training."""
@@ -77,8 +79,6 @@ class DistillConfig:
             raise ValueError(f"--pairs must be 'trajectory' or 'data', got {self.pairs!r}")
         if self.logvar_min is not None and not self.learn_logvar:
             raise ValueError("--logvar-min bounds the learned weighting: drop it or drop --no-learn-logvar")
-        if self.pairs == "data" and self.prompts != "world":
-            raise ValueError("--pairs data needs captioned images: only --prompts world provides them")
         if self.renoised_per_trajectory < 0 or (self.renoised_per_trajectory and self.pairs == "data"):
             raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
                              f"trajectory endpoints), got {self.renoised_per_trajectory}")
@@ -97,3 +97,10 @@ class DistillConfig:
         if not 0 < self.guidance_max_sigma <= 1:
             raise ValueError(f"--guidance-max-sigma is a flow sigma in (0, 1] (1: CFG at every step), "
                              f"got {self.guidance_max_sigma}")
+
+
+@dataclass
+class RolloutConfig:
+    shards: int = 4              # shard files to write
+    prompts_per_shard: int = 64  # rollouts per shard
+    batch_size: int = 16         # prompts rolled out together

@@ -1,11 +1,12 @@
-"""Sana-Sprint's optional adversarial branch (LADD, distill-spec §6), with trajectory endpoints as "real" under TBCM.
+"""Sana-Sprint's optional adversarial branch (LADD, Sana-Sprint arXiv 2503.09641 §3.3), with trajectory endpoints
+as "real" under TBCM.
 
 The discriminator is the frozen teacher in TrigFlow form with small trainable heads on a few of its block outputs,
 each scoring every token. Fakes are the student's one-step estimates x̂0 = f_theta(x_t, t), with t pushed to pi/2
-half the time; reals are clean latents (the teacher's rollout endpoints under --pairs trajectory, an [I] of the
-spec; encoded world images under --pairs data). Both are re-noised at a log-normal time s before scoring, and the
-two sides play the hinge game. The teacher's weights never change, but the generator loss backpropagates through
-its activations into x̂0.
+half the time; reals are clean latents (the teacher's rollout endpoints under --pairs trajectory, our extension:
+Sana-Sprint's real side needs images; encoded images under --pairs data). Both are re-noised at a log-normal time
+s before scoring, and the two sides play the hinge game. The teacher's weights never change, but the generator
+loss backpropagates through its activations into x̂0.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from tbcm.models.trigflow import SIGMA_DATA, T_MAX, consistency_x0, renoise, tri
 from tbcm.distill.loss import Pairs
 from tbcm.distill.pairs import lognormal_times
 
+MAX_TIME_PROB = 0.5                   # the generator's input t is set to pi/2 with this probability (Sprint Tab. 6)
+NOISE_P_MEAN, NOISE_P_STD = -0.6, 1.0  # the discriminator's re-noising time proposal (Sprint Tab. 8, the best)
+
 
 def default_blocks(depth: int, count: int = 4) -> tuple[int, ...]:
     """`count` evenly spaced block indices from the first to the last (Sana-Sprint hooks [2, 8, 14, 19] of 28)."""
@@ -37,7 +41,7 @@ def _conv(channels_in: int, channels_out: int, kernel: int) -> nn.Module:
 
 def _block(channels: int, kernel: int) -> nn.Sequential:
     """Conv, norm, LeakyReLU 0.2. GroupNorm uses per-sample statistics, so no running buffers and no dependence
-    on how the batch is split across ranks (Sana uses batch norm; distill-spec §6)."""
+    on how the batch is split across ranks (Sana-Sprint's heads use batch norm, App. F.2)."""
     return nn.Sequential(_conv(channels, channels, kernel), nn.GroupNorm(math.gcd(channels, 32), channels),
                          nn.LeakyReLU(0.2))
 
@@ -121,10 +125,10 @@ def max_time(x_t: torch.Tensor, t: torch.Tensor, probability: float) -> tuple[to
     return torch.where(at_max.view(-1, 1, 1, 1), noise, x_t), torch.where(at_max, torch.full_like(t, T_MAX), t)
 
 
-def noise_level(like: torch.Tensor, p_mean: float, p_std: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, z) for re-noising: tan s = e^tau / sigma_d, tau ~ N(p_mean, p_std^2) (Sprint Tab. 8), z ~ N(0, sigma_d^2);
+def noise_level(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) for re-noising: tan s = e^tau / sigma_d, tau ~ N(NOISE_P_MEAN, NOISE_P_STD^2), z ~ N(0, sigma_d^2);
     drawn on the CPU generator, which checkpoints carry."""
-    s = lognormal_times(len(like), p_mean, p_std).clamp(min=1e-3, max=T_MAX - 1e-4).to(like)
+    s = lognormal_times(len(like), NOISE_P_MEAN, NOISE_P_STD).clamp(min=1e-3, max=T_MAX - 1e-4).to(like)
     return s, (SIGMA_DATA * torch.randn(like.shape)).to(like)
 
 
@@ -138,22 +142,22 @@ def frozen(module: nn.Module):
         module.requires_grad_(True)
 
 
-def generator_loss(discriminator: Discriminator, teacher, student, batch: Pairs, config):
+def generator_loss(discriminator: Discriminator, teacher, student, batch: Pairs):
     """(L_G, x̂0 detached): x̂0 = f_theta(x_t, t) = cos t x_t - sin t sigma_d F_theta (sCM eq. 9) at the max-time
     weighted inputs, re-noised and scored by the frozen teacher + frozen heads; gradients reach only the student."""
-    x_t, t = max_time(batch.x_t, batch.t.to(batch.x_t.dtype), config.ladd_max_time_prob)
+    x_t, t = max_time(batch.x_t, batch.t.to(batch.x_t.dtype), MAX_TIME_PROB)
     velocity, logvar = student(x_t / SIGMA_DATA, t, batch.states, batch.mask, batch.guidance)
     x0_hat = consistency_x0(x_t, SIGMA_DATA * velocity, t)
-    s, z = noise_level(x0_hat, config.ladd_p_mean, config.ladd_p_std)
+    s, z = noise_level(x0_hat)
     with frozen(discriminator):  # fake_s = cos s x̂0 + sin s z (Sprint §3.3)
         loss = hinge_g_loss(discriminator(teacher, renoise(x0_hat, z, s), s, batch.states, batch.mask))
     return loss + 0.0 * logvar.sum(), x0_hat.detach()  # 0 * logvar: every student parameter in the graph (DDP)
 
 
-def discriminator_loss(discriminator, teacher, real: torch.Tensor, fake: torch.Tensor, states, mask, config):
+def discriminator_loss(discriminator, teacher, real: torch.Tensor, fake: torch.Tensor, states, mask):
     """L_D on real and fake re-noised at the same s and z, scored in one teacher call (inputs carry no grad,
     so the teacher builds no graph and only the heads learn)."""
-    s, z = noise_level(real, config.ladd_p_mean, config.ladd_p_std)
+    s, z = noise_level(real)
     both = renoise(torch.cat([real, fake]).detach(), torch.cat([z, z]), torch.cat([s, s]))  # real_s, fake_s
     logits = discriminator(teacher, both, torch.cat([s, s]), torch.cat([states, states]), torch.cat([mask, mask]))
     return hinge_d_loss(*logits.chunk(2))

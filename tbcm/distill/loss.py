@@ -1,4 +1,5 @@
-"""The continuous-time consistency (sCM) loss exactly as Sana-Sprint and TBCM implement it (distill-spec §4).
+"""The continuous-time consistency (sCM) loss exactly as Sana-Sprint and TBCM implement it (Sana-Sprint arXiv
+2503.09641, Alg. 2; sCM arXiv 2410.11081, eqs. 8 and 14 and §4.2).
 
 For pairs (x_t, t, dx_t/dt = v) the student's tangent is computed with one forward-mode JVP under no_grad, using
 the rearranged tangents that keep fp16/bf16 finite; the loss is then a regression of a second, differentiable
@@ -19,6 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tbcm.models.trigflow import SIGMA_DATA, consistency_x0
 
 from tbcm.distill.student import Student
+
+
+TANGENT_NORM_C = 0.1  # c of g <- g / (||g|| + c), per sample (sCM §4.2 and App. G; Sana-Sprint and TBCM keep 0.1)
 
 
 @dataclass
@@ -46,7 +50,7 @@ def as_column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float):
+def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: float):
     """(F^-, g): the stop-grad student output and the normalised tangent (Sprint Alg. 2, lines 6-9).
     `student` is a Student, or one wrapped by accelerate (its forward returns (F, logvar))."""
     t = pairs.t.to(pairs.x_t.dtype)
@@ -62,7 +66,7 @@ def consistency_tangent(student: Student | torch.nn.Module, pairs: Pairs, r: flo
     # g = -cos^2 t (sigma_d F^- - dx/dt) - r (cos t sin t x_t + sigma_d J)  (sCM eq. 8, Sprint Alg. 2 line 8)
     g = -cos**2 * (SIGMA_DATA * f_minus - pairs.velocity) - r * (cos * sin * pairs.x_t + SIGMA_DATA * jvp)
     g_norm = g.flatten(1).norm(dim=1)
-    g = g / as_column(g_norm + norm_c, g)  # per-sample tangent normalisation (sCM §4.2)
+    g = g / as_column(g_norm + TANGENT_NORM_C, g)  # per-sample tangent normalisation (sCM §4.2)
     return f_minus, g
 
 
@@ -75,13 +79,13 @@ def prior_weight(t: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"prior_weight must be 'tan' or 'uniform', got {kind!r}")
 
 
-def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, norm_c: float = 0.1, prior: str = "tan",
+def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, prior: str = "tan",
              logvar_min: float | None = None):
     """Returns (loss, stats). Per element: e^{-logvar} w(t) (F - F^- - g)^2 + logvar (sCM eq. 14), with the prior
     w(t) from `prior_weight` and logvar clamped from below at `logvar_min` when given.
 
     `student` may be wrapped by accelerate: through DDP or FSDP the gradients are reduced across ranks."""
-    f_minus, g = consistency_tangent(student, pairs, r, norm_c)
+    f_minus, g = consistency_tangent(student, pairs, r)
     velocity, logvar = student(pairs.x_t / SIGMA_DATA, pairs.t.to(pairs.x_t.dtype), pairs.states, pairs.mask,
                                pairs.guidance)
     logvar = logvar.float() if logvar_min is None else logvar.float().clamp(min=logvar_min)

@@ -1,10 +1,10 @@
 """Where training pairs come from: the teacher's own trajectories (TBCM) or noised real images (data sCM).
 
-TBCM (distill-spec §5): roll the frozen teacher out with CFG from noise at pi/2 through K times drawn around a
+TBCM (arXiv 2511.20410): roll the frozen teacher out with CFG from noise at pi/2 through K times drawn around a
 reference route, keep the K-1 non-noise states with their times, and reuse the velocity computed during the
-rollout as dx/dt. No images, no VAE encoder. Data sCM (Sana-Sprint): VAE-encode real images, noise them at a
-log-normal time, and ask the teacher for its CFG velocity there. Between the two, still image-free: a rollout's
-endpoint noised the way data sCM noises an image (`--renoised-per-trajectory`).
+rollout as dx/dt. No images, no VAE encoder. Data sCM (Sana-Sprint, arXiv 2503.09641, Alg. 2): VAE-encode
+captioned images, noise them at a log-normal time, and ask the teacher for its CFG velocity there. Between the
+two, still image-free: a rollout's endpoint noised the way data sCM noises an image (`--renoised-per-trajectory`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tbcm.world import world
 from tbcm.models.pipeline import Pipeline
 from tbcm.models.sampling import cfg_flow_model, trigflow_trajectory
 from tbcm.models.trigflow import SIGMA_DATA, T_MAX, reference_route, renoise, trigflow_from_flow
@@ -31,7 +30,7 @@ def lognormal_times(n: int, p_mean: float, p_std: float) -> torch.Tensor:
 def trajectory_times(n: int, route: torch.Tensor, strategy: str, p_mean: float, p_std: float) -> torch.Tensor:
     """(n, K) decreasing times starting at pi/2, one row per prompt.
 
-    route: t_k ~ U(route[k], route[k-1]) for k >= 1, TBCM's stratified jitter (distill-spec §5.2);
+    route: t_k ~ U(route[k], route[k-1]) for k >= 1, TBCM's stratified jitter of its route (arXiv 2511.20410);
     lognormal / uniform: K-1 sorted draws from the sCM proposal / U(0, pi/2)."""
     k = len(route)
     if strategy == "route":
@@ -117,13 +116,13 @@ def noised_pairs(teacher: Pipeline, x0, states, mask, null_states, null_mask, gu
 
 
 @torch.no_grad()
-def data_pairs(teacher: Pipeline, scenes: list[world.Scene], states, mask, null_states, null_mask,
+def data_pairs(teacher: Pipeline, images: torch.Tensor, states, mask, null_states, null_mask,
                config: DistillConfig) -> Pairs:
-    """Sana-Sprint-style pairs: x0 from the VAE encoder, noised at a log-normal t (`noised_pairs`)."""
-    images = torch.from_numpy(world.to_tensor_array([world.render(s, teacher.default_size) for s in scenes]))
+    """Sana-Sprint-style pairs: x0 from the VAE encoder of images (N, 3, H, W) in [-1, 1], with their captions'
+    states, noised at a log-normal t (`noised_pairs`)."""
     x0 = teacher.latents_to_trig(teacher.vae.encode(images.to(teacher.vae.dtype)).latent.float())
-    guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(len(scenes))], dtype=torch.float32)
-    return noised_pairs(teacher, x0, states, mask, null_states, null_mask, guidance, torch.ones(len(scenes)), config)
+    guidance = torch.tensor([random.choice(config.cfg_scales) for _ in range(len(images))], dtype=torch.float32)
+    return noised_pairs(teacher, x0, states, mask, null_states, null_mask, guidance, torch.ones(len(images)), config)
 
 
 @torch.no_grad()
@@ -139,23 +138,4 @@ def renoised_endpoint_pairs(teacher: Pipeline, roll: Rollout, weight, states, ma
 def concat_pairs(a: Pairs, b: Pairs) -> Pairs:
     """One batch of a's pairs followed by b's."""
     return Pairs(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in dataclasses.fields(Pairs)))
-
-
-def world_prompts(count: int, seed: int) -> list[str]:
-    """Training-split captions of the embedded world (the default prompt source)."""
-    return [world.sample_scene(seed * 10**7 + i, "train").caption for i in range(count)]
-
-
-def read_prompts(source: str, seed: int, world_count: int = 20000) -> list[str]:
-    """A prompt file (one per line, blank lines skipped) or "world"."""
-    if source == "world":
-        return world_prompts(world_count, seed)
-    try:
-        with open(source, encoding="utf-8") as handle:
-            prompts = [line.strip() for line in handle if line.strip()]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--prompts {source}: file not found (or use 'world')") from None
-    if not prompts:
-        raise ValueError(f"--prompts {source}: no prompts in the file (one per line expected)")
-    return prompts
 

@@ -8,36 +8,25 @@ rolling out.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 
-from tbcm.models.training import atomic_write_safetensors, read_safetensors
+from tbcm.models.training import atomic_write_safetensors, read_safetensors, seed_everything
 
-from tbcm.distill.config import DistillConfig
-from tbcm.distill.export import teacher_fingerprint
-from tbcm.distill.pairs import Rollout, read_prompts, rollout
+from tbcm.distill.config import DistillConfig, RolloutConfig
+from tbcm.distill.pairs import Rollout, rollout
+from tbcm.distill.teacher import load_teacher, teacher_fingerprint
 
 SHARD_GLOB = "rollouts-*.safetensors"
 
 
-@dataclass
-class RolloutConfig:
-    shards: int = 4              # shard files to write
-    prompts_per_shard: int = 64  # rollouts per shard
-    batch_size: int = 16         # prompts rolled out together
-
-
-def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, out: Path) -> list[Path]:
-    from accelerate import Accelerator
-
-    from tbcm.distill.trainer import load_teacher, seed_everything
-
+def write_rollouts(config: DistillConfig, rollout_config: RolloutConfig, prompts: list[str], out: Path) -> list[Path]:
+    """Shards of rollouts of prompts drawn from `prompts` (this rank's share of the shard indices)."""
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     teacher = load_teacher(config, accelerator.device)
-    prompts = read_prompts(config.prompts, config.seed)
     teacher_sha256 = teacher_fingerprint(teacher)["transformer_sha256"]
     out.mkdir(parents=True, exist_ok=True)
     mine = range(accelerator.process_index, rollout_config.shards, accelerator.num_processes)

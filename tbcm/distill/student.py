@@ -2,19 +2,20 @@
 
 The student transformer is `SanaTransformer2DModel(guidance_embeds=True)` initialised from the teacher, with the
 guidance embedder's last layer zeroed so that at step 0 it computes exactly the teacher's conditional velocity
-(distill-spec §3). The log-variance head reads the time(+guidance) embedding, as Sana's `logvar_linear` does,
-and is dropped at export.
+(Sana-Sprint arXiv 2503.09641, §3.2 and Tab. 4: the CFG scale as an input). The log-variance head reads the
+time(+guidance) embedding, as Sana's `logvar_linear` does, and is dropped at export.
 """
 from __future__ import annotations
 
 import copy
 
 import torch
-from diffusers import SanaTransformer2DModel
+from diffusers import SanaTransformer2DModel, SCMScheduler
 from torch import nn
 
+from tbcm.models.pipeline import Pipeline
 from tbcm.models.sampling import flow_model
-from tbcm.models.trigflow import trigflow_from_flow
+from tbcm.models.trigflow import SIGMA_DATA, trigflow_from_flow
 
 from tbcm.distill.config import DistillConfig
 
@@ -97,3 +98,9 @@ class Student(nn.Module):
     def forward(self, x_over_sigma, t, states, mask, guidance) -> tuple[torch.Tensor, torch.Tensor]:
         velocity = self.velocity(x_over_sigma, t, states, mask, guidance)
         return velocity, self.logvar(self._embedding).view(-1)
+
+
+def student_pipeline(teacher: Pipeline, transformer: SanaTransformer2DModel, info: dict | None = None) -> Pipeline:
+    """The student as a servable pipeline: its transformer with the teacher's VAE, text encoder and info."""
+    return Pipeline(transformer, teacher.vae, teacher.text, SCMScheduler(sigma_data=SIGMA_DATA),
+                    {**teacher.info, **(info or {})}, None)

@@ -1,14 +1,14 @@
 """`tbcm distill`: the TBCM trainer (and the data-based sCM baseline), one process or many under accelerate.
 
-Each step: pairs (teacher rollouts, precomputed rollout shards, or noised real images) -> sCM loss with one JVP
-and one differentiable forward -> clipped AdamW step, skipped when the gradient norm is not finite -> EMA.
+Each step: pairs (teacher rollouts, precomputed rollout shards, or noised captioned images) -> sCM loss with one
+JVP and one differentiable forward -> clipped AdamW step, skipped when the gradient norm is not finite -> EMA.
 Every rank rolls out its own prompts (seeded by rank); gradients are averaged by DDP, or reduced by FSDP when the
-accelerate config shards the student (FSDP version 2; the JVP pass runs through the sharded model). Checkpoints
-are atomic and carry RNG state, so `--resume` continues exactly.
+accelerate config shards the student (FSDP version 2; the JVP pass runs through the sharded model). The loop,
+its atomic checkpoints and exact `--resume` are the shared ones (tbcm.models.training.TrainingRun). Prompts,
+captioned images and the evaluator come from `Sources` (tbcm.distill.sources): the trainer knows no domain.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -17,60 +17,36 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import broadcast
-from diffusers import SCMScheduler
 
-from tbcm.world import world
 from tbcm.models.acceleration import maybe_install_kernels
-from tbcm.world.evaluate import EvalConfig, evaluate, save_grid
 from tbcm.models.generator import Generator
-from tbcm.models.pipeline import Pipeline, load_pipeline
-from tbcm.models.training import CHECKPOINT, RESUME_MAY_CHANGE, RunLog, check_resume_config, ema_update, learning_rate, \
-    load_checkpoint, load_rank_rng, prune_rank_rng, save_checkpoint, save_rank_rng, truncate_log
+from tbcm.models.pipeline import Pipeline
+from tbcm.models.training import RESUME_MAY_CHANGE, TrainingRun, clipped_update, ema_update, learning_rate, save_grid
 
 from tbcm.distill.config import DistillConfig
 from tbcm.distill.dmd import dmd_loss, fake_denoiser, fake_denoiser_loss
-from tbcm.distill.export import teacher_fingerprint
 from tbcm.distill.ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
 from tbcm.distill.loss import endpoint_loss, one_step, prior_weight, scm_loss, tangent_r
-from tbcm.distill.pairs import concat_pairs, data_pairs, pairs_from_rollout, read_prompts, renoised_endpoint_pairs, rollout, \
+from tbcm.distill.pairs import concat_pairs, data_pairs, pairs_from_rollout, renoised_endpoint_pairs, rollout, \
     start_pairs
 from tbcm.distill.rollout import RolloutShards
-from tbcm.distill.student import Student, freeze, student_from_teacher
-
-SAMPLE_PROMPTS = 8
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
+from tbcm.distill.sources import Sources
+from tbcm.distill.student import Student, freeze, student_from_teacher, student_pipeline
+from tbcm.distill.teacher import load_teacher, teacher_fingerprint
 
 
-def load_teacher(config: DistillConfig, device) -> Pipeline:
-    teacher = load_pipeline(config.teacher, device=device)
-    if teacher.is_student:
-        raise ValueError(f"--teacher {config.teacher}: has a guidance embedding (a student); need a CFG teacher")
-    teacher.transformer.requires_grad_(False)
-    teacher.vae.requires_grad_(False)
-    teacher.text.microbatch = config.text_microbatch
-    return teacher
-
-
-def student_pipeline(teacher: Pipeline, transformer, info: dict | None = None) -> Pipeline:
-    """The student as a servable pipeline: its transformer with the teacher's VAE, text encoder and info."""
-    return Pipeline(transformer, teacher.vae, teacher.text, SCMScheduler(sigma_data=0.5),
-                    {**teacher.info, **(info or {})}, None)
-
-
-class Distiller:
-    def __init__(self, config: DistillConfig, resume: bool = False):
+class Distiller(TrainingRun):
+    def __init__(self, config: DistillConfig, sources: Sources, resume: bool = False):
         prior_weight(torch.ones(1), config.prior_weight)  # a wrong --prior-weight is named before any rollout
-        self.config, self.out = config, Path(config.out)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+        if config.pairs == "data" and sources.images is None:
+            raise ValueError(f"--pairs data needs captioned images, and --prompts {config.prompts} gives prompts "
+                             "only; use --pairs trajectory (image-free)")
+        self.sources = sources
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if (config.ladd or config.dmd_weight) and self.accelerator.distributed_type == DistributedType.FSDP:
             raise ValueError("--ladd and --dmd-weight run with DDP only: accelerate's FSDP version 2 prepares one "
                              "model per run, and the LADD heads or DMD's fake denoiser would be a second")
         self.teacher = load_teacher(config, self.accelerator.device)
-        self.prompts = read_prompts(config.prompts, config.seed)
         self.shards = RolloutShards(config.rollouts, config, teacher_fingerprint(self.teacher)["transformer_sha256"]) \
             if config.rollouts else None
         torch.manual_seed(config.seed)
@@ -80,9 +56,9 @@ class Distiller:
         self.ema = student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale).eval()
         self.ema.requires_grad_(False)
         self.ema.load_state_dict(self.student.transformer.state_dict())
-        maybe_install_kernels(self.student.transformer, config.use_kernels)
+        maybe_install_kernels(self.student.transformer)  # on with CUDA and Triton, off on the CPU
         optimizer = torch.optim.AdamW(self.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.discriminator = Discriminator(self.teacher.transformer, config.ladd_blocks).to(
+        self.discriminator = Discriminator(self.teacher.transformer).to(
             self.accelerator.device) if config.ladd else None
         if config.ladd:  # the heads' own param group: one optimizer to checkpoint, and as each step gives only one
             # side gradients and Adam's state is per parameter, it acts as two AdamWs
@@ -90,7 +66,7 @@ class Distiller:
         self.fake_denoiser = fake_denoiser(self.teacher.transformer) if config.dmd_weight else None
         if self.fake_denoiser is not None:  # likewise its own param group
             optimizer.add_param_group({"params": list(self.fake_denoiser.parameters()), "lr": config.dmd_fake_lr})
-        self.model, self.optimizer = self.accelerator.prepare(self.student, optimizer)
+        self.model, optimizer = self.accelerator.prepare(self.student, optimizer)
         self.clip_groups = [list(self.model.parameters())]
         if config.clip_logvar_apart:  # the head's gradient (about 1 per pair, whatever the loss) stays out of the
             # budget that grad_clip gives the transformer: [transformer, head]
@@ -99,26 +75,19 @@ class Distiller:
                 self.clip_groups[name.removeprefix("module.").startswith("logvar.")].append(param)
         self.wrapped_discriminator = self.accelerator.prepare(self.discriminator) if config.ladd else None
         self.wrapped_fake_denoiser = self.accelerator.prepare(self.fake_denoiser) if config.dmd_weight else None
-        self.step, self.counters = 0, {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
-        self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
-        rank = self.accelerator.process_index
-        if resume and (self.out / CHECKPOINT).exists():
-            check_resume_config(self.out, config, free=(*RESUME_MAY_CHANGE, "export_extrapolation"))
-            meta = load_checkpoint(self.out, self._modules(), self.optimizer)  # restores rank 0's RNG exactly
-            self.step, self.counters = meta["step"], meta["extra"]["counters"]
-            if self.accelerator.num_processes > 1:  # and every rank its own, saved beside the checkpoint
-                load_rank_rng(self.out, rank, self.step)
-            if self.accelerator.is_main_process:
-                truncate_log(self.out, self.step)
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-            seed_everything(config.seed + rank)  # every rank rolls out its own prompts
-
-    def _modules(self) -> dict:
         heads = {"ladd": self.discriminator} if self.discriminator is not None else {}
         denoiser = {"dmd_fake": self.fake_denoiser} if self.fake_denoiser is not None else {}
-        return {"student": self.student, "ema": self.ema} | heads | denoiser
+        super().__init__(config, config.out, {"student": self.student, "ema": self.ema} | heads | denoiser, optimizer,
+                         self.accelerator.process_index, self.accelerator.num_processes, f"distill ({config.pairs})")
+        self.total = None if config.fit_schedule_to_budget else config.steps  # fitted: the budget ends the run
+        self.counters = {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
+        self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
+        resumed = self.start(resume, free=(*RESUME_MAY_CHANGE, "export_extrapolation"))
+        self.counters = resumed.get("counters", self.counters)
+        self.evaluates = bool(config.eval_every) and sources.evaluator is not None and self.main
+
+    def extra(self) -> dict:
+        return {"counters": self.counters}
 
     def _null(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty caption's text states and mask for n prompts, on this rank's device (CFG's unconditional side)."""
@@ -133,15 +102,14 @@ class Distiller:
         (noise at pi/2 with its endpoint; None for data pairs)."""
         config = self.config
         if config.pairs == "data":
-            scenes = [world.sample_scene(random.randrange(2**31), "train")
-                      for _ in range(config.prompts_per_step * config.points_per_trajectory)]
-            cond = self._conditioning([s.caption for s in scenes])
-            return data_pairs(self.teacher, scenes, *cond, config), 0, None
+            captions, images = self.sources.images.sample(config.prompts_per_step * config.points_per_trajectory,
+                                                          self.teacher.default_size)
+            return data_pairs(self.teacher, images, *self._conditioning(captions), config), 0, None
         if self.shards is not None:
             roll, prompts = self.shards.sample(config.prompts_per_step)
             cond = self._conditioning(prompts)
         else:
-            prompts = [random.choice(self.prompts) for _ in range(config.prompts_per_step)]
+            prompts = [random.choice(self.sources.prompts) for _ in range(config.prompts_per_step)]
             cond = self._conditioning(prompts)
             roll = rollout(self.teacher, *cond, config)
         pairs, dropped = pairs_from_rollout(roll, *cond[:2], config)
@@ -159,7 +127,7 @@ class Distiller:
         student = self.accelerator.unwrap_model(self.model)
         self.optimizer.param_groups[0]["lr"] = learning_rate(config, position + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
-            loss, stats = scm_loss(self.model, pairs, r, config.tangent_norm_c, config.prior_weight, config.logvar_min)
+            loss, stats = scm_loss(self.model, pairs, r, config.prior_weight, config.logvar_min)
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         if config.endpoint_weight:  # L = L_sCM + endpoint_weight L_end, its gradient added by a second backward
@@ -176,17 +144,17 @@ class Distiller:
             stats["dmd"] = distribution_loss.item()
         if config.ladd:  # L = L_sCM + ladd_weight L_G (Sprint §3.3): L_G's gradient is added by a second backward
             ladd_batch, fake = self._ladd_generator(pairs, stats)
-        norms = [self.accelerator.clip_grad_norm_(group, config.grad_clip) for group in self.clip_groups]
-        grad_norm = norms[0]  # the student's (the whole model's unless clip_logvar_apart)
-        if all(torch.isfinite(norm) for norm in norms):
-            self.optimizer.step()
+        # grad_norm: the student's (the whole model's unless clip_logvar_apart)
+        grad_norm, applied = clipped_update(self.optimizer, self.clip_groups, config.grad_clip,
+                                            self.accelerator.clip_grad_norm_)
+        if applied:
             ema_update(self.ema, student.transformer, config.ema_decay)
-        else:  # a non-finite gradient is skipped, never applied (Sana-Sprint and TBCM do the same)
+        else:
             self.counters["skipped_steps"] += 1
         if config.ladd:  # then the alternating discriminator step
             stats["d_loss"] = self._side_step(lambda: discriminator_loss(
                 self.wrapped_discriminator, self.teacher.transformer, ladd_batch.x0, fake, ladd_batch.states,
-                ladd_batch.mask, config), self.discriminator.parameters())
+                ladd_batch.mask), self.discriminator.parameters())
         for _ in range(config.dmd_fake_updates if config.dmd_weight else 0):  # and the fake denoiser's steps
             stats["fake"] = self._side_step(lambda: fake_denoiser_loss(
                 self.wrapped_fake_denoiser, x0_hat.detach(), starts, config.dmd_shift), self.fake_denoiser.parameters())
@@ -211,7 +179,7 @@ class Distiller:
             self._spent_at = (self.step, broadcast(clock, from_process=0).item() / self.config.time_budget_s)
         return self._spent_at[1]
 
-    def _continues(self) -> bool:
+    def continues(self) -> bool:
         """Whether another step runs: steps remain (unless the schedule is fitted to the budget) and budget does."""
         return (self.config.fit_schedule_to_budget or self.step < self.config.steps) and self.budget_spent() < 1
 
@@ -227,8 +195,7 @@ class Distiller:
         per prompt; returns that batch and its detached fakes x̂0 for the discriminator step."""
         batch = one_per_prompt(pairs, self.config.points_per_trajectory, self.config.prompts_per_step)
         with self.accelerator.autocast():
-            g_loss, fake = generator_loss(self.discriminator, self.teacher.transformer, self.model, batch,
-                                          self.config)
+            g_loss, fake = generator_loss(self.discriminator, self.teacher.transformer, self.model, batch)
         self.accelerator.backward(self.config.ladd_weight * g_loss)
         stats["g_loss"] = g_loss.item()
         return batch, fake
@@ -240,8 +207,7 @@ class Distiller:
         with self.accelerator.autocast():
             loss = loss_fn()
         self.accelerator.backward(loss)
-        if torch.isfinite(self.accelerator.clip_grad_norm_(parameters, self.config.grad_clip)):
-            self.optimizer.step()
+        clipped_update(self.optimizer, [parameters], self.config.grad_clip, self.accelerator.clip_grad_norm_)
         return loss.item()
 
     def pipeline(self) -> Pipeline:
@@ -249,60 +215,35 @@ class Distiller:
         return student_pipeline(self.teacher, self.ema)
 
     def sample_grid(self) -> Path:
-        """Fixed prompts and seeds at 1, 2 and 4 steps: one row per step count."""
-        scenes = [world.sample_scene(i, "heldout" if i % 2 else "train") for i in range(SAMPLE_PROMPTS)]
+        """The sources' fixed sample prompts and seeds at 1, 2 and 4 steps: one row per step count."""
+        prompts = self.sources.sample_prompts
         generator = Generator(self.pipeline())
-        rows = [generator.generate([s.caption for s in scenes], list(range(SAMPLE_PROMPTS)), steps).images
-                for steps in (1, 2, 4)]
+        rows = [generator.generate(prompts, list(range(len(prompts))), steps).images for steps in (1, 2, 4)]
         path = self.out / "samples" / f"step{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(torch.cat(rows), path, columns=SAMPLE_PROMPTS)
-        (path.parent / "prompts.txt").write_text("\n".join(s.caption for s in scenes) + "\n")
+        save_grid(torch.cat(rows), path, columns=len(prompts))
+        (path.parent / "prompts.txt").write_text("\n".join(prompts) + "\n")
         return path
 
     def evaluate_now(self) -> dict:
-        result = evaluate(EvalConfig(model="student", steps=1, n=self.config.eval_n), self.pipeline())
-        record = {"step": self.step, "train_time_s": self.counters["train_time_s"], "fd": result["fd"],
-                  "accuracy": result["accuracy"]}
+        """The 1-step student scored by the sources' evaluator on its first split, appended to eval_curve.jsonl."""
+        evaluator = self.sources.evaluator
+        record = {"step": self.step, "train_time_s": self.counters["train_time_s"],
+                  **evaluator.evaluate(self.pipeline(), self.config.eval_n, evaluator.splits[0])}
         with open(self.out / "eval_curve.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         return record
 
-    def save(self) -> None:
-        """The checkpoint (every rank gathers, rank 0 writes); with several processes every rank first writes its
-        RNG state beside it, and its older RNG files go only once the new checkpoint is committed, so a kill leaves
-        a consistent set."""
-        accelerator, several = self.accelerator, self.accelerator.num_processes > 1
-        if several:
-            save_rank_rng(self.out, accelerator.process_index, self.step)
-            accelerator.wait_for_everyone()
-        save_checkpoint(self.out, self.step, self._modules(), self.optimizer, self.config, {"counters": self.counters})
-        if several:
-            accelerator.wait_for_everyone()
-            prune_rank_rng(self.out, accelerator.process_index, self.step)
-
-    def train(self) -> None:
-        config = self.config
-        total = None if config.fit_schedule_to_budget else config.steps  # fitted: the budget, not a count, ends it
-        log = RunLog(self.out, total, self.step, f"distill ({config.pairs})") \
-            if self.accelerator.is_main_process else None
-        if config.eval_every and self.step == 0 and self.accelerator.is_main_process:
+    def before(self) -> None:
+        if self.evaluates and self.step == 0:
             self.evaluate_now()
-        continues = self._continues()  # read once per step: under DDP it is a broadcast of rank 0's clock
-        while continues:
-            metrics = self.train_step()
-            continues = self._continues()
-            if log:
-                log.step(self.step, **metrics)
-            if self.accelerator.is_main_process:
-                if config.sample_every and self.step % config.sample_every == 0:
-                    self.sample_grid()
-                if config.eval_every and self.step % config.eval_every == 0:
-                    self.evaluate_now()
-            if self.step % config.checkpoint_every == 0 and continues:  # the final save follows the loop
-                self.save()
-        if config.eval_every and self.step % config.eval_every and self.accelerator.is_main_process:
+
+    def after_step(self) -> None:
+        if self.main and self.config.sample_every and self.step % self.config.sample_every == 0:
+            self.sample_grid()
+        if self.evaluates and self.step % self.config.eval_every == 0:
+            self.evaluate_now()
+
+    def after(self) -> None:
+        if self.evaluates and self.step % self.config.eval_every:
             self.evaluate_now()  # the curve's last point is where training stopped
-        self.save()  # the final state, whether the step count or the time budget ended the run
-        if log:
-            log.close()

@@ -1,4 +1,5 @@
-"""What every trainer here shares: atomic safetensors checkpoints with exact resume, EMA, progress and logs.
+"""What every trainer here shares: the base config, the one training loop (`TrainingRun`), atomic safetensors
+checkpoints with exact resume, EMA, progress and logs.
 
 A checkpoint is one `checkpoint.safetensors` (model, EMA and optimizer tensors, RNG state) plus its JSON metadata
 stored inside the safetensors header, written to a temp file, fsynced and renamed, so a kill at any moment leaves
@@ -17,14 +18,38 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The knobs every trainer here shares, defined once; each trainer's config subclasses it and restates only the
+    defaults it changes (a field restated without a comment keeps this help)."""
+    seed: int = 0                 # everything is a function of it (with several processes, rank r uses seed + r)
+    steps: int = 1000             # optimizer steps
+    lr: float = 1e-4              # AdamW peak learning rate, reached at the end of the warm-up
+    warmup_steps: int = 100       # linear LR warm-up from 0
+    cosine_decay: bool = False    # after warm-up, anneal the lr to 0 at `steps` (cosine); else constant
+    grad_clip: float = 1.0        # max global grad norm; a step whose norm is not finite is skipped
+    ema_decay: float = 0.99       # EMA of the weights that get shipped or exported
+    checkpoint_every: int = 250   # steps between atomic checkpoints
+
+    retired: ClassVar[dict] = {}  # knobs removed since runs were saved -> the value each is fixed at (saved_config)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the two global generators every trainer draws from (torch's CPU one and Python's `random`)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
 
 
 def atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -165,15 +190,31 @@ def load_checkpoint(out: Path, modules: dict[str, torch.nn.Module], optimizer: t
 RESUME_MAY_CHANGE = ("steps", "out")  # config knobs a resumed run may change (extend it, move its folder)
 
 
+def saved_config(cls, saved: dict, source: Path):
+    """The config a checkpoint recorded, as a `cls`: lists back to tuples, a knob added since at its default (the
+    value that run had), `cls.retired` knobs dropped at their fixed values (else refused), unknown ones refused."""
+    values = dict(saved)
+    for name, fixed in cls.retired.items():
+        value = values.pop(name, fixed)
+        if json.dumps(value) != json.dumps(fixed):  # as JSON: a saved list is the tuple it was
+            raise ValueError(f"{source}: the run was trained with {name} = {value!r}; that knob is retired, fixed "
+                             f"at {fixed!r} now, so this version cannot continue or export it")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{source}: the run has knobs that {cls.__name__} does not know: {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def check_resume_config(out: Path, config, free: tuple[str, ...] = RESUME_MAY_CHANGE) -> None:
-    """Refuse to resume a run with a different config (that would not be a continuation). A knob added since the
-    run was saved counts as its default, the value that run had. The `free` knobs may change."""
-    _, meta = read_safetensors(Path(out) / CHECKPOINT)
+    """Refuse to resume a run with a different config (that would not be a continuation); the `free` knobs may
+    change. A knob added since the run was saved counts as its default, the value that run had."""
+    path = Path(out) / CHECKPOINT
+    _, meta = read_safetensors(path)
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731 (tuples -> lists, as saved)
-    saved, now = {**as_json(type(config)()), **meta["config"]}, as_json(config)
+    saved, now = as_json(saved_config(type(config), meta["config"], path)), as_json(config)
     diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in free)
     if diffs:
-        raise ValueError(f"{Path(out) / CHECKPOINT}: config differs from the run being resumed in {diffs}")
+        raise ValueError(f"{path}: config differs from the run being resumed in {diffs}")
 
 
 @torch.no_grad()
@@ -204,6 +245,17 @@ class RunLog:
         self.bar.close()
 
 
+def save_grid(images_uint8: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """Up to columns^2 images (N, H, W, 3) uint8 as one PNG grid, row-major (sample grids, eval grids)."""
+    images = images_uint8[: columns * columns]
+    rows = (len(images) + columns - 1) // columns
+    h, w = images.shape[1:3]
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(Image.fromarray(im.numpy()), ((i % columns) * w, (i // columns) * h))
+    grid.save(path)
+
+
 def truncate_log(out: Path, step: int) -> None:
     """On resume, drop log lines past the checkpoint step so the log reads as one run."""
     path = Path(out) / "metrics.jsonl"
@@ -212,50 +264,138 @@ def truncate_log(out: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def learning_rate(config, step: int) -> float:
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up to config.lr, then constant or (config.cosine_decay) cosine-annealed to 0 at the last step."""
     if step <= config.warmup_steps:
         return config.lr * step / max(1, config.warmup_steps)
-    if not getattr(config, "cosine_decay", False):
+    if not config.cosine_decay:
         return config.lr
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))  # SGDR eq. 5 with eta_min = 0
 
 
-def train_loop(out: Path, config, model: torch.nn.Module, loss_fn, ema: torch.nn.Module | None = None,
-               resume: bool = False, desc: str = "train") -> torch.nn.Module:
-    """AdamW with linear warm-up, grad clipping, EMA, periodic atomic checkpoints and exact resume.
+def clipped_update(optimizer: torch.optim.Optimizer, groups: list, max_norm: float,
+                   clip=torch.nn.utils.clip_grad_norm_) -> tuple[torch.Tensor, bool]:
+    """Clip each group's gradient to `max_norm` on its own (`clip`: torch's, or accelerate's), then step unless a norm
+    is not finite (skipped, as Sana-Sprint and TBCM do). Returns (the first group's norm, whether it stepped)."""
+    norms = [clip(group, max_norm) for group in groups]
+    applied = all(torch.isfinite(norm) for norm in norms)
+    if applied:
+        optimizer.step()
+    return norms[0], applied
 
-    `config` needs seed, steps, lr, warmup_steps, grad_clip, ema_decay, checkpoint_every (and may set
-    cosine_decay); `loss_fn(step)` returns
-    (loss, {name: value}) and draws all its randomness from torch's and Python's global generators, which the
-    checkpoint carries, so a resumed run continues exactly. Returns the EMA model (or the model).
-    """
-    out = Path(out)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    modules = {"model": model} | ({"ema": ema} if ema is not None else {})
-    start = 0
-    if resume and (out / CHECKPOINT).exists():
-        check_resume_config(out, config)
-        start = load_checkpoint(out, modules, optimizer)["step"]
-        truncate_log(out, start)
-    else:
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-    log = RunLog(out, config.steps, start, desc)
-    for step in range(start + 1, config.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss, metrics = loss_fn(step)
-        optimizer.zero_grad(set_to_none=True)
+
+class TrainingRun:
+    """The one training loop: start fresh (seeded) or resume exactly, step while `continues()`, log every step (the
+    main process; the bar counts to `self.total`), checkpoint every `checkpoint_every` steps and at the end.
+
+    A trainer subclasses it and gives `train_step` (one optimizer step: it advances `self.step` and returns the
+    metrics to log); it may override `continues`, `extra` (JSON state saved with each checkpoint, which `start`
+    returns on resume) and the hooks `before`, `after_step` and `after`. All randomness must come from torch's and
+    Python's global generators, which checkpoints carry (each rank's), so a resumed run continues exactly."""
+
+    def __init__(self, config: TrainConfig, out: Path, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, rank: int = 0, processes: int = 1, desc: str = "train"):
+        self.config, self.out, self.modules, self.optimizer = config, Path(out), modules, optimizer
+        self.rank, self.processes, self.main, self.desc, self.step = rank, processes, rank == 0, desc, 0
+        self.total: int | None = config.steps  # what the progress bar counts to (None: something else ends it)
+
+    def start(self, resume: bool, free: tuple[str, ...] = RESUME_MAY_CHANGE) -> dict:
+        """Resume from the checkpoint (refused if the config differs outside `free`): its extra state; or start fresh:
+        write config.json, seed (seed + rank), {}."""
+        if resume and (self.out / CHECKPOINT).exists():
+            check_resume_config(self.out, self.config, free)
+            meta = load_checkpoint(self.out, self.modules, self.optimizer)  # restores rank 0's RNG exactly
+            self.step = meta["step"]
+            if self.processes > 1:  # and every rank its own, saved beside the checkpoint
+                load_rank_rng(self.out, self.rank, self.step)
+            if self.main:
+                truncate_log(self.out, self.step)
+            return meta["extra"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2))
+        seed_everything(self.config.seed + self.rank)
+        return {}
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def continues(self) -> bool:
+        return self.step < self.config.steps
+
+    def extra(self) -> dict:
+        return {}
+
+    def before(self) -> None:
+        """Runs once before the first step of this process."""
+
+    def after_step(self) -> None:
+        """Runs after each step is logged, before its checkpoint."""
+
+    def after(self) -> None:
+        """Runs once after the last step, before the final checkpoint."""
+
+    def save(self) -> None:
+        """The checkpoint (every rank gathers, rank 0 writes); with several processes every rank first writes its
+        RNG state beside it, and its older RNG files go only once the new checkpoint is committed, so a kill leaves
+        a consistent set."""
+        if self.processes > 1:
+            save_rank_rng(self.out, self.rank, self.step)
+            torch.distributed.barrier()
+        save_checkpoint(self.out, self.step, self.modules, self.optimizer, self.config, self.extra())
+        if self.processes > 1:
+            torch.distributed.barrier()
+            prune_rank_rng(self.out, self.rank, self.step)
+
+    def train(self) -> None:
+        log = RunLog(self.out, self.total, self.step, self.desc) if self.main else None
+        self.before()
+        continues = self.continues()  # read once per step (a trainer may broadcast it)
+        while continues:
+            metrics = self.train_step()
+            continues = self.continues()
+            if log:
+                log.step(self.step, **metrics)
+            self.after_step()
+            if self.step % self.config.checkpoint_every == 0 and continues:  # the final save follows the loop
+                self.save()
+        self.after()
+        self.save()  # the final state, whatever ended the run
+        if log:
+            log.close()
+
+
+class _LossRun(TrainingRun):
+    """AdamW on one model with the shared schedule, clipping and EMA, on the loss `loss_fn(step)` gives."""
+
+    def __init__(self, out: Path, config: TrainConfig, model: torch.nn.Module, loss_fn, ema, desc: str):
+        modules = {"model": model} | ({"ema": ema} if ema is not None else {})
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+        super().__init__(config, out, modules, optimizer, desc=desc)
+        self.model, self.loss_fn, self.ema = model, loss_fn, ema
+
+    def train_step(self) -> dict:
+        step = self.step + 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, step)
+        loss, metrics = self.loss_fn(step)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            if ema is not None:
-                ema_update(ema, model, config.ema_decay)
-        log.step(step, loss=loss.item(), grad_norm=grad_norm.item(), **metrics)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            save_checkpoint(out, step, modules, optimizer, config)
-    log.close()
+        grad_norm, applied = clipped_update(self.optimizer, [list(self.model.parameters())], self.config.grad_clip)
+        if applied and self.ema is not None:
+            ema_update(self.ema, self.model, self.config.ema_decay)
+        self.step = step
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
+
+
+def train_loop(out: Path, config: TrainConfig, model: torch.nn.Module, loss_fn, ema: torch.nn.Module | None = None,
+               resume: bool = False, desc: str = "train") -> torch.nn.Module:
+    """The loop on one model: `loss_fn(step)` returns (loss, {name: value}) from the global generators.
+    Returns the EMA model (or the model)."""
+    run = _LossRun(out, config, model, loss_fn, ema, desc)
+    run.start(resume)
+    run.train()
     return ema if ema is not None else model

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from tbcm.world import world
 from tbcm.world.evaluator import Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure, targets_of
 from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
 from tbcm.models.pipeline import WEIGHTS_DIR, Pipeline, load_pipeline
+from tbcm.models.training import save_grid
 
 EVAL_SEED_BASE = 10**9        # prompt scenes: disjoint from every training seed range
 REFERENCE_SEED_BASE = 2 * 10**9  # the independent real reference set
@@ -43,21 +43,6 @@ def images_to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def save_grid(images_uint8: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """Up to 64 images as one PNG grid, row-major."""
-    images = images_uint8[: columns * columns]
-    rows = (len(images) + columns - 1) // columns
-    h, w = images.shape[1:3]
-    grid = Image.new("RGB", (columns * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(Image.fromarray(im.numpy()), ((i % columns) * w, (i // columns) * h))
-    grid.save(path)
-
-
-def real_images(scenes: list[world.Scene], size: int) -> torch.Tensor:
-    return torch.from_numpy(world.to_tensor_array([world.render(s, size) for s in scenes]))
-
-
 def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
     """Score `config.model` (or an already loaded `pipeline`, e.g. a student mid-training)."""
     evaluator = Evaluator.load(Path(config.evaluator))
@@ -68,7 +53,7 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
                   for i in range(config.n)]
     result = {"model": config.model, "prompts": config.prompts, "n": config.n}
     if config.model == "real":
-        images = real_images(scenes, size)
+        images = world.render_tensor(scenes, size)
         result |= {"nfe": 0, "images_per_s": None, "steps": 0}
     else:
         generator = Generator(pipeline or load_pipeline(config.model), intermediate_times=config.intermediate_times)
@@ -87,7 +72,7 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
         result |= {"nfe": nfe, "images_per_s": config.n / elapsed, "steps": steps, "guidance": config.guidance,
                    "student": generator.pipe.is_student}
     feats, logits = measure(evaluator, images)
-    ref_feats, _ = measure(evaluator, real_images(references, size))
+    ref_feats, _ = measure(evaluator, world.render_tensor(references, size))
     targets = targets_of(scenes)
     accuracy, per_attribute = attribute_accuracy(logits, targets)
     result |= {"fd": frechet_distance(feats, ref_feats), "accuracy": accuracy,

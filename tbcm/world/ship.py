@@ -10,8 +10,8 @@ from diffusers import AutoencoderDC, SanaTransformer2DModel
 
 from tbcm.world.evaluate import EvalConfig, evaluate
 from tbcm.world.evaluator import Evaluator
-from tbcm.models.pipeline import TEXT_ENCODER_PACKAGE, WEIGHTS_DIR, Pipeline, default_scheduler, embedded_text_encoder, \
-    save_pipeline
+from tbcm.models.pipeline import (TEXT_ENCODER_PACKAGE, WEIGHTS_DIR, Pipeline, default_scheduler,
+                                  embedded_text_encoder, save_pipeline)
 from tbcm.models.training import CHECKPOINT, read_safetensors
 
 

@@ -16,21 +16,19 @@ from tqdm import tqdm
 
 from tbcm.world import world
 from tbcm.models.text import TextEncoder
-from tbcm.models.training import atomic_write_safetensors, read_safetensors, train_loop
+from tbcm.models.training import TrainConfig, atomic_write_safetensors, read_safetensors, train_loop
 
 DATASET = "dataset.safetensors"
 
 
 @dataclass
-class TeacherConfig:
-    seed: int = 0                     # everything is a function of it
-    steps: int = 2000                 # optimizer steps
+class TeacherConfig(TrainConfig):
+    # the shared training knobs (tbcm.models.training.TrainConfig) at this trainer's defaults
+    steps: int = 2000
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
     batch_size: int = 64              # latents per step
-    lr: float = 5e-4                  # AdamW peak learning rate
-    warmup_steps: int = 200           # linear warm-up
-    grad_clip: float = 1.0            # max global grad norm
-    ema_decay: float = 0.999          # EMA of the shipped weights
-    checkpoint_every: int = 250       # steps between atomic checkpoints
     dataset_size: int = 6000          # precomputed (latent, caption) pairs from the training split
     image_size: int = 64              # pixels per side
     max_sequence_length: int = 32     # encoder tokens per caption (padding included)
@@ -43,7 +41,6 @@ class TeacherConfig:
     mlp_ratio: float = 2.5            # GLUMBConv expansion
     sample_shift: float = 2.5         # flow shift of the shipped sampler's schedule (scheduler config)
     init_from: str = ""               # transformer folder to continue from (model and EMA); "" = random init
-    cosine_decay: bool = False        # anneal the lr to 0 over the run after warm-up (cosine)
 
 
 # TeacherConfig's architecture knobs and the SanaTransformer2DModel config keys they set
@@ -85,7 +82,7 @@ def build_dataset(config: TeacherConfig, vae: AutoencoderDC, text: TextEncoder, 
     chunk = 128
     for i in tqdm(range(0, len(scenes), chunk), desc="dataset (render, VAE, text)", unit="chunk"):
         part = scenes[i:i + chunk]
-        images = torch.from_numpy(world.to_tensor_array([world.render(s, config.image_size) for s in part]))
+        images = world.render_tensor(part, config.image_size)
         latents.append(vae.encode(images).latent * vae.config.scaling_factor)
         s, m = text.encode([s.caption for s in part])
         states.append(s.half())

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 COLOURS = {  # name -> RGB; far apart so a small classifier can tell them from a 64x64 render
@@ -132,6 +133,11 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
 def to_tensor_array(images: list[Image.Image]) -> np.ndarray:
     """PIL images -> float32 array (N, 3, H, W) in [-1, 1], the VAE's and evaluator's input range."""
     return np.stack([np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0 for im in images])
+
+
+def render_tensor(scenes: list[Scene], size: int = 64) -> torch.Tensor:
+    """Scenes drawn at `size` pixels, as one float32 tensor (N, 3, size, size) in [-1, 1]."""
+    return torch.from_numpy(to_tensor_array([render(scene, size) for scene in scenes]))
 
 
 def attribute_index(shape: Shape) -> dict[str, int]:

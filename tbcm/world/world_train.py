@@ -15,7 +15,7 @@ from diffusers import AutoencoderDC
 
 from tbcm.world import world
 from tbcm.world.evaluator import Evaluator, attribute_accuracy, measure, targets_of
-from tbcm.models.training import train_loop
+from tbcm.models.training import TrainConfig, train_loop
 
 
 def scene_batch(batch_size: int, image_size: int, two_shapes_fraction: float = 0.0) -> list[world.Scene]:
@@ -24,20 +24,13 @@ def scene_batch(batch_size: int, image_size: int, two_shapes_fraction: float = 0
                                2 if random.random() < two_shapes_fraction else 1) for _ in range(batch_size)]
 
 
-def images_of(scenes: list[world.Scene], image_size: int) -> torch.Tensor:
-    return torch.from_numpy(world.to_tensor_array([world.render(s, image_size) for s in scenes]))
-
-
 @dataclass
-class VAEConfig:
-    seed: int = 0                                   # everything is a function of it
-    steps: int = 1500                               # optimizer steps
+class VAEConfig(TrainConfig):
+    # the shared training knobs (tbcm.models.training.TrainConfig) at this trainer's defaults
+    steps: int = 1500
+    lr: float = 1e-3
+    ema_decay: float = 0.998
     batch_size: int = 16                            # images per step
-    lr: float = 1e-3                                # AdamW peak learning rate
-    warmup_steps: int = 100                         # linear warm-up
-    grad_clip: float = 1.0                          # max global grad norm
-    ema_decay: float = 0.998                        # EMA of the weights that get shipped
-    checkpoint_every: int = 250                     # steps between atomic checkpoints
     image_size: int = 64                            # pixels per side
     latent_channels: int = 16                       # channels of the f8 latent
     block_out_channels: tuple = (16, 32, 64, 128)   # one DC-AE stage per entry: 2**(n-1) = f8
@@ -69,7 +62,7 @@ def vae_report(vae: AutoencoderDC, n: int, image_size: int, seed: int) -> dict:
     """Reconstruction PSNR on `n` fresh procedural images and the latent std that sets scaling_factor."""
     state = random.getstate()
     random.seed(f"vae-report:{seed}")
-    images = images_of(scene_batch(n, image_size, 0.25), image_size)
+    images = world.render_tensor(scene_batch(n, image_size, 0.25), image_size)
     random.setstate(state)
     latents = torch.cat([vae.encode(images[i:i + 64]).latent for i in range(0, n, 64)])
     recon = torch.cat([vae.decode(latents[i:i + 64]).sample for i in range(0, n, 64)])
@@ -85,7 +78,7 @@ def train_vae(config: VAEConfig, out: Path, resume: bool = False) -> Autoencoder
     ema.requires_grad_(False)
 
     def loss_fn(step: int):
-        images = images_of(scene_batch(config.batch_size, config.image_size, config.two_shapes_fraction),
+        images = world.render_tensor(scene_batch(config.batch_size, config.image_size, config.two_shapes_fraction),
                            config.image_size)
         recon = vae.decode(vae.encode(images).latent).sample
         loss = (recon - images).square().mean()
@@ -102,15 +95,13 @@ def train_vae(config: VAEConfig, out: Path, resume: bool = False) -> Autoencoder
 
 
 @dataclass
-class EvaluatorConfig:
-    seed: int = 0                 # everything is a function of it
-    steps: int = 1200             # optimizer steps
+class EvaluatorConfig(TrainConfig):
+    # the shared training knobs (tbcm.models.training.TrainConfig) at this trainer's defaults
+    steps: int = 1200
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    checkpoint_every: int = 300
     batch_size: int = 64          # images per step
-    lr: float = 2e-3              # AdamW peak learning rate
-    warmup_steps: int = 50        # linear warm-up
-    grad_clip: float = 1.0        # max global grad norm
-    ema_decay: float = 0.99       # EMA of the shipped weights
-    checkpoint_every: int = 300   # steps between atomic checkpoints
     image_size: int = 64          # pixels per side
     width: int = 32               # channels of the first conv
     features: int = 128           # penultimate width: the FD feature space
@@ -125,7 +116,7 @@ def train_evaluator(config: EvaluatorConfig, out: Path, resume: bool = False) ->
 
     def loss_fn(step: int):
         scenes = scene_batch(config.batch_size, config.image_size)
-        images = images_of(scenes, config.image_size)
+        images = world.render_tensor(scenes, config.image_size)
         images = images + torch.randn_like(images) * torch.rand(len(images), 1, 1, 1) * config.max_noise
         _, logits = model(images)
         targets = targets_of(scenes)
@@ -137,7 +128,7 @@ def train_evaluator(config: EvaluatorConfig, out: Path, resume: bool = False) ->
     random.seed(f"evaluator-report:{config.seed}")
     scenes = scene_batch(1024, config.image_size)
     random.setstate(state)
-    _, logits = measure(ema, images_of(scenes, config.image_size))
+    _, logits = measure(ema, world.render_tensor(scenes, config.image_size))
     every, per = attribute_accuracy(logits, targets_of(scenes))
     report = {"accuracy": every, "accuracy_per_attribute": per, "n": len(scenes)}
     (Path(out) / "report.json").write_text(json.dumps(report, indent=2))

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from tbcm.cli.distill import sources
 from tbcm.distill.config import DistillConfig
 from tbcm.distill.trainer import Distiller
 from tbcm.models.training import atomic_write_safetensors
 
 
 def run(config: DistillConfig, resume: bool, skew_s: float = 0.0) -> None:
-    distiller = Distiller(config, resume=resume)
+    distiller = Distiller(config, sources(config), resume=resume)
     rank, out = distiller.accelerator.process_index, Path(config.out)
     step = distiller.train_step
 

@@ -1,6 +1,7 @@
 """DMD's regulariser on the real Sana transformer class: its gradient on the one-step samples, and the fake
 denoiser's target, against plain references."""
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -60,6 +61,9 @@ def test_fake_denoiser_loss_vanishes_for_a_denoiser_that_returns_the_sample():
     x0_hat = torch.randn(3, 4, 4, 4) * SIGMA_DATA
 
     class Oracle(torch.nn.Module):  # a flow model whose TrigFlow F gives back x̂0 exactly, at any (x_s, s)
+        dtype = torch.float32
+        config = SimpleNamespace(guidance_embeds=True, timestep_scale=1.0)  # fed the flow time itself, as Sprint's
+
         def forward(self, x_fm, encoder_hidden_states, encoder_attention_mask, timestep, guidance, return_dict):
             s = timestep.view(-1, 1, 1, 1)
             x0_fm = x0_hat / SIGMA_DATA  # flow state x_fm = (1 - s) x0 + s z, velocity z - x0

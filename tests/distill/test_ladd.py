@@ -12,12 +12,18 @@ from tbcm.distill.ladd import (Discriminator, default_blocks, generator_loss, hi
 from tbcm.distill.loss import Pairs
 from tbcm.distill.student import Student, student_from_teacher
 from tbcm.distill.trainer import Distiller
+from tbcm.cli.distill import sources
 from tiny import tiny_transformer
 from tbcm.models.training import learning_rate, read_safetensors
 from tbcm.models.trigflow import SIGMA_DATA, renoise
 
 TINY = dict(steps=3, prompts_per_step=2, route_points=4, points_per_trajectory=3, sample_every=0, eval_every=0,
             checkpoint_every=1, tangent_warmup=2, ladd=True)
+
+
+def distiller_for(config: DistillConfig, resume: bool = False) -> Distiller:
+    """A Distiller with its sources wired as `tbcm distill` wires them (the embedded world for --prompts world)."""
+    return Distiller(config, sources(config), resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def test_teacher_stays_frozen_while_fakes_and_student_get_gradients(nets):
     disc.zero_grad(set_to_none=True)
 
     batch = Pairs(x, t, torch.zeros_like(x), states, mask, torch.full((3,), 4.5), torch.ones(3), x)
-    loss, fake = generator_loss(disc, teacher, student, batch, DistillConfig(ladd=True))
+    loss, fake = generator_loss(disc, teacher, student, batch)
     loss.backward()
     assert not fake.requires_grad and fake.shape == x.shape
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in disc.parameters())
@@ -103,7 +109,7 @@ def test_one_per_prompt_takes_trajectory_pairs_only():
 @pytest.mark.parametrize("pairs", ["trajectory", "data"])
 def test_trainer_with_ladd_logs_both_losses_and_moves_the_heads(tiny_teacher_dir, tmp_path, pairs):
     config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), pairs=pairs, ladd_lr=3e-4, **TINY)
-    distiller = Distiller(config)
+    distiller = distiller_for(config)
     heads = {k: v.clone() for k, v in distiller.discriminator.state_dict().items()}
     teacher = {k: v.clone() for k, v in distiller.teacher.transformer.state_dict().items()}
     distiller.train()
@@ -120,10 +126,10 @@ def test_trainer_with_ladd_logs_both_losses_and_moves_the_heads(tiny_teacher_dir
 
 def test_ladd_resume_reaches_the_same_losses(tiny_teacher_dir, tmp_path):
     config = DistillConfig(teacher=str(tiny_teacher_dir), **{**TINY, "steps": 4})
-    straight = Distiller(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "straight")}))
+    straight = distiller_for(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "straight")}))
     straight.train()
-    Distiller(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "split"), "steps": 2})).train()
-    resumed = Distiller(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "split")}), resume=True)
+    distiller_for(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "split"), "steps": 2})).train()
+    resumed = distiller_for(DistillConfig(**{**config.__dict__, "out": str(tmp_path / "split")}), resume=True)
     assert resumed.step == 2
     resumed.train()
     keys = ("loss", "g_loss", "d_loss", "grad_norm")

@@ -8,7 +8,6 @@ import torch
 from tbcm.distill.config import DistillConfig
 from tbcm.distill.pairs import (data_pairs, degenerate_weight, pairs_from_rollout, renoised_endpoint_pairs, rollout,
                           trajectory_times)
-from tbcm.world import world
 from tbcm.models.pipeline import load_pipeline
 from tbcm.models.sampling import cfg_flow_model
 from tbcm.models.trigflow import SIGMA_DATA, reference_route, trigflow_from_flow
@@ -94,13 +93,17 @@ def test_degenerate_filter_drops_constant_endpoints_only():
     assert degenerate_weight(varied, 0.05).sum() == 50
 
 
-def test_data_pairs_noise_real_latents(teacher):
+def test_data_pairs_noise_the_encoded_images(teacher):
     torch.manual_seed(0)
-    scenes = [world.sample_scene(i, "train") for i in range(4)]
-    cond = conditioning(teacher, [s.caption for s in scenes])
-    pairs = data_pairs(teacher, scenes, *cond, DistillConfig())
+    size = teacher.default_size
+    images = torch.rand(4, 3, size, size) * 2 - 1  # any captioned images in [-1, 1]: no world needed
+    cond = conditioning(teacher, ["a photo of a cat", "a red circle", "a cross", "two dogs"])
+    pairs = data_pairs(teacher, images, *cond, DistillConfig())
     assert pairs.x_t.shape == (4, 4, 4, 4) and pairs.velocity.shape == (4, 4, 4, 4)
     assert torch.all((pairs.t > 0) & (pairs.t < math.pi / 2)) and torch.all(pairs.weight == 1)
+    with torch.no_grad():
+        x0 = teacher.latents_to_trig(teacher.vae.encode(images).latent.float())
+    torch.testing.assert_close(pairs.x0, x0)
 
 
 def test_renoised_endpoints_lie_off_the_trajectory_with_the_teachers_velocity_there(teacher):

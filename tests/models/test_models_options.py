@@ -82,10 +82,13 @@ def test_overrides_and_unknown_fields():
     assert config.seed == 9 and config.internal == 1 and config.tags == []
 
 
-@pytest.mark.parametrize("module,name", [("tbcm.world.world_train", "VAEConfig"), ("tbcm.world.world_train", "EvaluatorConfig"),
-                                         ("tbcm.world.teacher_train", "TeacherConfig"), ("tbcm.world.evaluate", "EvalConfig")])
+@pytest.mark.parametrize("module,name", [
+    ("tbcm.world.world_train", "VAEConfig"), ("tbcm.world.world_train", "EvaluatorConfig"),
+    ("tbcm.world.teacher_train", "TeacherConfig"), ("tbcm.world.evaluate", "EvalConfig"),
+    ("tbcm.distill.config", "DistillConfig"), ("tbcm.distill.config", "RolloutConfig")])
 def test_project_configs_round_trip(module, name):
-    """Every real config survives the round trip with no arguments, with one option per field."""
+    """Every real config survives the round trip with no arguments, with one option per field, each with help
+    (a field inherited from TrainConfig, or restated there with a new default, gets TrainConfig's)."""
     import importlib
 
     cls = getattr(importlib.import_module(module), name)
@@ -93,4 +96,17 @@ def test_project_configs_round_trip(module, name):
     assert config_from_args(cls, parser.parse_args([])) == cls()
     for action in parser._actions[1:]:
         assert action.help.endswith(f"(default: {action.default})"), (name, action.dest)
+        assert not action.help.startswith("(default"), f"{name}.{action.dest} has no help"
     assert {a.dest for a in parser._actions[1:]} == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_a_subclass_keeps_its_bases_help_for_a_restated_default():
+    @dataclass
+    class Longer(Demo):
+        lr: float = 5e-2
+        extra: int = 1                     # a knob of its own
+
+    helps = {a.dest: a.help for a in parser_for(Longer)._actions}
+    assert helps["lr"] == "peak learning rate (default: 0.05)"
+    assert helps["seed"] == "everything is a function of it (default: 0)"
+    assert helps["extra"] == "a knob of its own (default: 1)"

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 import tbcm.models.training as training
-from tbcm.models.training import (CHECKPOINT, atomic_write_safetensors, check_resume_config, learning_rate,
-                             load_checkpoint, read_safetensors, save_checkpoint, train_loop)
+from tbcm.models.training import (CHECKPOINT, TrainConfig, atomic_write_safetensors, check_resume_config, learning_rate,
+                             load_checkpoint, read_safetensors, save_checkpoint, saved_config, train_loop)
 
 
 @dataclasses.dataclass
-class LoopConfig:
-    seed: int = 0
+class LoopConfig(TrainConfig):
     steps: int = 10
     lr: float = 3e-2
     warmup_steps: int = 3
-    grad_clip: float = 1.0
     ema_decay: float = 0.8
     checkpoint_every: int = 3
     width: int = 8
@@ -201,6 +199,22 @@ def test_check_resume_config(tmp_path):
     # and train_loop refuses to resume with a changed config
     with pytest.raises(ValueError, match="seed"):
         train_loop(tmp_path, dataclasses.replace(config, seed=1), model, make_loss(model), resume=True)
+
+
+def test_a_retired_knob_is_accepted_only_at_the_value_it_is_fixed_at(tmp_path):
+    """A knob removed from a config: runs saved with it at its fixed value still resume (and load); others are
+    refused with the knob named."""
+    older = dataclasses.make_dataclass("Older", [("old_knob", float, dataclasses.field(default=0.1))],
+                                       bases=(LoopConfig,))
+    retiring = dataclasses.make_dataclass("Retiring", [], bases=(LoopConfig,), namespace={"retired": {"old_knob": 0.1}})
+    model = make_model(0)
+    for value, folder in ((0.1, tmp_path / "fixed"), (0.3, tmp_path / "other")):
+        save_checkpoint(folder, 1, {"model": model}, torch.optim.AdamW(model.parameters()), older(old_knob=value))
+    check_resume_config(tmp_path / "fixed", retiring())
+    saved = read_safetensors(tmp_path / "fixed" / CHECKPOINT)[1]["config"]
+    assert "old_knob" in saved and saved_config(retiring, saved, tmp_path) == retiring()  # betas: a tuple again
+    with pytest.raises(ValueError, match="trained with old_knob = 0.3; that knob is retired, fixed at 0.1"):
+        check_resume_config(tmp_path / "other", retiring())
 
 
 @dataclasses.dataclass

@@ -173,3 +173,23 @@ def test_to_tensor_array_and_attribute_index():
     np.testing.assert_allclose(array[1, :, 5, 7], expected, rtol=0, atol=1e-6)
     index = world.attribute_index(scenes[0].shapes[0])
     assert {name: world.ATTRIBUTES[name][i] for name, i in index.items()} == scenes[0].shapes[0].attributes()
+
+
+def test_render_tensor_is_the_array_of_the_renders():
+    scenes = [world.sample_scene(i) for i in range(2)]
+    tensor = world.render_tensor(scenes, 16)
+    np.testing.assert_array_equal(tensor.numpy(), world.to_tensor_array([world.render(s, 16) for s in scenes]))
+
+
+def test_the_world_as_a_distillation_runs_sources():
+    from tbcm.world import sources
+
+    captions = sources.training_captions(seed=3, count=50)
+    assert captions == sources.training_captions(seed=3, count=50) != sources.training_captions(seed=4, count=50)
+    samples = sources.sample_captions(4)
+    assert samples == [world.sample_scene(i, "heldout" if i % 2 else "train").caption for i in range(4)]
+    random.seed(7)
+    captions, images = sources.SceneImages().sample(3, 16)
+    random.seed(7)
+    assert (captions, images.shape) == (sources.SceneImages().sample(3, 16)[0], (3, 3, 16, 16))
+    assert images.min() >= -1 and images.max() <= 1
