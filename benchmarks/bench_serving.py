@@ -8,6 +8,8 @@ Goals: HTTP p50 at concurrency 1 <= 1.15x the generator's p50 at batch 1 (measur
 side); throughput at 16 clients >= 2.5x one
 client; Poisson at 70% of the 16-client throughput: p99 <= 4x the unloaded HTTP p50; 3x that rate for
 --overload-s: only 200/429/503, no 5xx, RSS flat (within 10%), and full recovery (c=1 p50 back within 25%).
+Every prompt is new unless --repeat-ratio says otherwise (in-process and over HTTP alike), so the service's
+encoded-prompt cache only helps as much as it would with real users; each phase reports its cache hit ratio.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from tbcm.service.config import ServiceConfig  # noqa: E402
-from tbcm.service.loadtest import LoadTestConfig, run_load  # noqa: E402
+from tbcm.service.loadprompts import PromptMix  # noqa: E402
+from tbcm.service.loadrun import prompt_mix, run_load  # noqa: E402
+from tbcm.service.loadtest import LoadTestConfig  # noqa: E402
 
-PROMPT = "a small red circle in the middle"
+PROMPT = "a small red circle in the middle"  # the in-process generator's warm-up
 SHED = {"200", "429", "503"}
 
 
@@ -52,6 +56,8 @@ def parse_args() -> argparse.Namespace:
                         help="rows per pass, in the server and the in-process generator alike")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra `tbcm serve` argument for A/B runs, repeatable: --serve-arg=--switch-interval-ms=5")
+    parser.add_argument("--repeat-ratio", type=float, default=0.0,
+                        help="chance that a request repeats a prompt already sent (0: every prompt is new)")
     parser.add_argument("--json-out", default="runs/bench/serving.json", help="where the JSON report goes")
     return parser.parse_args()
 
@@ -106,16 +112,16 @@ def timed_ms(call, seconds: float) -> list[float]:
     return times
 
 
-def overhead(url: str, generator, load: LoadTestConfig, rounds: int = 5) -> dict:
+def overhead(url: str, generator, load: LoadTestConfig, mix: PromptMix, rounds: int = 5) -> dict:
     """One image in-process (text encoding + transformer + VAE decode) against closed-loop HTTP with one client (the
     load tester's aiohttp client), in alternating rounds of load.duration_s / rounds each, p50 = the median of the
     rounds' p50s: this shared machine's speed drifts by 10-20% over minutes, so both are measured side by side."""
     seconds = load.duration_s / rounds
     local, remote = [], []
     for _ in range(rounds):
-        local.append(statistics.median(timed_ms(lambda i: generator.generate([PROMPT], [i]), seconds)))
+        local.append(statistics.median(timed_ms(lambda i: generator.generate([mix.next()], [i]), seconds)))
         remote.append(run_load(url, replace(load, mode="closed", concurrency=1, duration_s=seconds,
-                                            warmup_s=0.5))["latency_ms"]["p50"])
+                                            warmup_s=0.5), mix)["latency_ms"]["p50"])
     return {"rounds": rounds, "generator_p50_ms": round(statistics.median(local), 2),
             "http_p50_ms": round(statistics.median(remote), 2), "generator_round_p50s": [round(v, 2) for v in local],
             "http_round_p50s": remote}
@@ -143,13 +149,16 @@ def start_server(model: str, threads: int, extra_args: tuple[str, ...] = ()) -> 
     raise SystemExit(f"bench_serving: the service for {model!r} did not become ready (exit code {proc.poll()})")
 
 
+STAGE_FAMILIES = ("tbcm_request_stage_seconds", "tbcm_batch_stage_seconds")  # per request, per generator call
+
+
 def server_counters(url: str) -> dict[str, float]:
     """The _sum and _count samples of the service's stage and batch-size histograms, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     counters = {}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
-        if family.name in ("tbcm_stage_seconds", "tbcm_batch_size"):
+        if family.name in (*STAGE_FAMILIES, "tbcm_batch_size"):
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count")):
                     counters[sample.name + sample.labels.get("stage", "")] = sample.value
@@ -161,17 +170,17 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict:
     generator's stages, per request for queue wait and image encoding)."""
     delta = {key: after[key] - before.get(key, 0.0) for key in after}
     calls = delta["tbcm_batch_size_count"]
-    stages = {key.removeprefix("tbcm_stage_seconds_sum"): delta[key] / count * 1000
-              for key in delta if key.startswith("tbcm_stage_seconds_sum")
+    stages = {key.removeprefix(family + "_sum"): delta[key] / count * 1000
+              for family in STAGE_FAMILIES for key in delta if key.startswith(family + "_sum")
               if (count := delta[key.replace("_sum", "_count", 1)])}
     return {"generator_calls": int(calls), "images_per_call": round(delta["tbcm_batch_size_sum"] / calls, 2)
             if calls else None, "stage_ms_mean": {stage: round(ms, 2) for stage, ms in stages.items()}}
 
 
-def phase(url: str, load: LoadTestConfig, pid: int | None = None) -> dict:
+def phase(url: str, load: LoadTestConfig, mix: PromptMix, pid: int | None = None) -> dict:
     """One load phase (under `overload` RSS sampling when pid is given) with the server's view of it."""
     before = server_counters(url)
-    report = overload(url, load, pid) if pid else run_load(url, load)
+    report = overload(url, load, mix, pid) if pid else run_load(url, load, mix)
     return {**report, "server": server_view(before, server_counters(url))}
 
 
@@ -182,12 +191,12 @@ def rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
-def overload(url: str, load: LoadTestConfig, pid: int) -> dict:
+def overload(url: str, load: LoadTestConfig, mix: PromptMix, pid: int) -> dict:
     """Open-loop overload in a thread while RSS is sampled every second."""
     import threading
 
     reports, samples = [], []
-    thread = threading.Thread(target=lambda: reports.append(run_load(url, load)))
+    thread = threading.Thread(target=lambda: reports.append(run_load(url, load, mix)))
     thread.start()
     while thread.is_alive():
         samples.append(rss_mb(pid))
@@ -217,19 +226,21 @@ def run(args: argparse.Namespace) -> dict:
     proc, url = start_server(str(path), args.threads, ("--max-batch", str(args.max_batch),
                                                        "--microbatch", str(args.microbatch), *args.serve_arg))
     try:
-        base = LoadTestConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, progress=False, slo_ms=1e9)
-        phases["overhead"] = overhead(url, generator, base)
-        phases["c1"] = phase(url, replace(base, mode="closed", concurrency=1))
-        phases["c16"] = phase(url, replace(base, mode="closed", concurrency=16))
+        base = LoadTestConfig(duration_s=args.duration_s, warmup_s=args.warmup_s, progress=False, slo_ms=1e9,
+                              repeat_ratio=args.repeat_ratio)
+        mix = prompt_mix(base)  # one for the whole run: every phase's prompts are new to the server
+        phases["overhead"] = overhead(url, generator, base, mix)
+        phases["c1"] = phase(url, replace(base, mode="closed", concurrency=1), mix)
+        phases["c16"] = phase(url, replace(base, mode="closed", concurrency=16), mix)
         sustainable = phases["c16"]["throughput_rps"]
-        phases["poisson70"] = phase(url, replace(base, mode="open", rate=0.7 * sustainable))
+        phases["poisson70"] = phase(url, replace(base, mode="open", rate=0.7 * sustainable), mix)
         rss_before = rss_mb(proc.pid)
         phases["overload3x"] = phase(url, replace(base, mode="open", rate=3 * sustainable,
-                                                  duration_s=args.overload_s), proc.pid)
+                                                  duration_s=args.overload_s), mix, proc.pid)
         phases["overload3x"]["rss_mb_before"] = round(rss_before, 1)
         while httpx.get(url + "/info", timeout=30).json()["queue"]["waiting"]:
             time.sleep(0.5)
-        phases["recovery_c1"] = phase(url, replace(base, mode="closed", concurrency=1))
+        phases["recovery_c1"] = phase(url, replace(base, mode="closed", concurrency=1), mix)
         phases["ready_after"] = httpx.get(url + "/readyz", timeout=30).status_code
     finally:
         proc.send_signal(signal.SIGINT)
@@ -276,6 +287,8 @@ def table(report: dict) -> str:
         server = run["server"]
         stages = " ".join(f"{stage} {ms:.1f}" for stage, ms in server["stage_ms_mean"].items())
         rows.append(("  server side", f"{server['images_per_call']} images/call", f"mean ms: {stages}"))
+        rows.append(("  prompts", f"repeat fraction {run['prompts']['repeat_fraction']:g}",
+                     f"server prompt-cache hit ratio {run['prompt_cache']['hit_ratio']}"))
         slowest = run["latency_breakdown_ms"].get("slowest_1pct")
         if slowest:
             parts = " ".join(f"{k} {v:.1f}" for k, v in slowest.items() if k not in ("requests", "latency"))

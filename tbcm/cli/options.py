@@ -60,6 +60,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ..
         if type(None) in typing.get_args(kind) and len(optional) == 1:
             kind = optional[0]  # Optional[X]: parse as X, default None
         help_text = f"{comments.get(f.name, '')} (default: {'unchanged' if overrides is not None else default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a comment's "16%" must stay text
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from tbcm.cli.options import add_config_options, config_from_args
@@ -40,22 +41,34 @@ def register(sub) -> None:
     m.set_defaults(handler=store_model)
 
 
-def serve(args) -> None:
-    """Check the model resolves, hand the config to the worker through TBCM_* variables, become `bentoml serve`."""
+def serve(args) -> int:
+    """Check the model resolves, hand the config to the worker through TBCM_* variables, run `bentoml serve` in this
+    process (its arbiter) with a Prometheus multiprocess folder of this server's own, removed when it stops.
+
+    BentoML's default folder, ~/bentoml/prometheus_multiproc_dir, is shared by every BentoML server on the host, and
+    each one wipes it at start; BentoML reads the folder from its container (what its own pytest plugin sets), and
+    hands it to the worker as PROMETHEUS_MULTIPROC_DIR."""
     from tbcm.service.config import ServiceConfig
     from tbcm.service.runtime import resolve_spec
 
     config = config_from_args(ServiceConfig, args)
     path = resolve_spec(config.model)  # a missing model fails here, in seconds, naming it
-    print(f"tbcm serve: model {config.model!r} -> {path}; serving on http://{args.host}:{args.port}",
-          file=sys.stderr, flush=True)
     os.environ.update(config.to_env())
-    os.execv(sys.executable, [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT, "--port", str(args.port),
-                              "--host", args.host, "--working-dir", str(WORKING_DIR)])
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml_cli.cli import cli
+
+    with tempfile.TemporaryDirectory(prefix=f"tbcm-metrics-{args.port}-") as metrics_dir:
+        print(f"tbcm serve: model {config.model!r} -> {path}; serving on http://{args.host}:{args.port}; "
+              f"metrics in {metrics_dir}", file=sys.stderr, flush=True)
+        BentoMLContainer.prometheus_multiproc_dir.set(metrics_dir)
+        cli.main(["serve", SERVICE_IMPORT, "--port", str(args.port), "--host", args.host, "--working-dir",
+                  str(WORKING_DIR)], prog_name="bentoml", standalone_mode=False)
+    return 0
 
 
 def loadtest(args) -> int:
-    from tbcm.service.loadtest import LoadTestConfig, loadtest as run, summary
+    from tbcm.service.loadrun import loadtest as run
+    from tbcm.service.loadtest import LoadTestConfig, summary
 
     report = run(args.url, config_from_args(LoadTestConfig, args))
     print(summary(report))

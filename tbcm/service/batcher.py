@@ -14,7 +14,8 @@ where it fills padding rows, instead of adding a mostly padded microbatch to thi
 call it drops requests whose handler gave up (client disconnected, or timed out) and answers 503 to those whose
 deadline the call would miss. Requests carry the model they were validated against, so a hot swap never changes
 the model under a queued request: old requests finish on the old model, new ones go to the new model.
-Model warm-ups run on the same thread between batches (`call`), so all device work stays on one thread.
+Model warm-ups run on the same thread between batches (`call`, one warm-up call at a time), so all device work
+stays on one thread.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class Batcher:
         self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
         self._queue: deque[Job] = deque()
         self._calls: deque[tuple[Callable, Future]] = deque()
+        self._after_call = False  # the last work was a call: queued jobs go before the next one
         self._cond = threading.Condition()
         self._running: tuple[float, float] | None = None  # (start, estimated seconds) of the call in progress
         self._closed = False
@@ -150,7 +152,8 @@ class Batcher:
 
     def _next_work(self) -> tuple[Callable, Future] | list[Job] | None:
         """Block for work: a pending call, else the oldest job plus every queued job that can share its generator
-        call; None once closed."""
+        call (never two calls in a row while jobs wait, so a warm-up of many calls cannot hold requests back);
+        None once closed."""
         with self._cond:
             while True:
                 while self._queue and self._queue[0].future.cancelled():
@@ -161,7 +164,8 @@ class Batcher:
                 self._cond.wait()
             if self._closed:
                 return None
-            if self._calls:
+            self._after_call = bool(self._calls) and not (self._after_call and self._queue)
+            if self._after_call:
                 return self._calls.popleft()
             head = self._queue.popleft()
             live = [job for job in self._queue if not job.future.cancelled()]
@@ -220,7 +224,7 @@ class Batcher:
                 job.future.set_exception(Rejected(503, "deadline", "dropped before compute: its batch would end "
                                                   "past the request's deadline", retry_after=finish - now))
                 continue
-            self.metrics.observe_stage("queue_wait", now - job.arrived)
+            self.metrics.observe_request_stage("queue_wait", now - job.arrived)
             live.append(job)
         return live
 
@@ -229,14 +233,18 @@ class Batcher:
         if not live:
             return
         model, steps, size = live[0].key
+        prompts = [p for job in live for p in job.prompts]
+        distinct = list(dict.fromkeys(prompts))
+        hits = model.cached_prompts(distinct)
+        self.metrics.prompt_cache_hits.inc(hits)
+        self.metrics.prompt_cache_misses.inc(len(distinct) - hits)
         started = self._clock()
-        generation = model.generate([p for job in live for p in job.prompts], [s for job in live for s in job.seeds],
-                                    steps, size, [g for job in live for g in job.guidance],
-                                    self.config.simulated_delay_s)
+        generation = model.generate(prompts, [s for job in live for s in job.seeds], steps, size,
+                                    [g for job in live for g in job.guidance], self.config.simulated_delay_s)
         total = sum(job.images for job in live)
         self.metrics.batch_size.observe(total)
         for stage, seconds in generation.timings.items():
-            self.metrics.observe_stage(stage, seconds)
+            self.metrics.observe_batch_stage(stage, seconds)
         offset = 0
         for job in live:
             rows = generation.images[offset:offset + job.images]

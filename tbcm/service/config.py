@@ -26,6 +26,8 @@ def parse_bool(text: str) -> bool:
 @dataclass(frozen=True)
 class ServiceConfig:
     model: str = "student"  # pipeline folder, shipped name (student, teacher) or BentoML model-store tag (name:version)
+    model_roots: str = ""  # folders, comma-separated, whose pipeline folders a hot swap may load (shipped names and
+                           # model-store tags always may); empty: no folders
     sizes: str = ""  # allowed square image sizes in pixels, comma-separated; empty: the model's default size only
     max_batch: int = 4  # most images in one generator call (equal (steps, size) share one); = microbatch: one pass
     microbatch: int = 4  # rows per transformer/VAE pass (calls are padded to a multiple: batch-independent images)
@@ -60,6 +62,10 @@ class ServiceConfig:
         if not 1 <= self.default_quality <= 100:
             raise ValueError(f"default_quality must be between 1 and 100, got {self.default_quality}")
         self.size_list()
+
+    def root_list(self) -> list[str]:
+        """The model roots, each as an absolute path with symlinks resolved."""
+        return [os.path.realpath(part.strip()) for part in self.model_roots.split(",") if part.strip()]
 
     def size_list(self) -> list[int]:
         """The sizes named in `sizes` (empty list: the model's default size only)."""

@@ -1,9 +1,11 @@
 """The engine behind the HTTP routes: the live model (loaded in the background, hot-swappable), the batcher, and
 one request's path through them (queue, generator call, image encoding), with its metrics.
 
-Hot swap: the new model is loaded in a thread beside the old one, warmed up on the generator thread between
-two batches, then becomes live with one reference assignment; requests already queued keep the model they were
-validated against (see batcher.py), so no request fails or changes model mid-flight.
+Hot swap: the new model is loaded in a thread beside the old one and warmed up on the generator thread one call at
+a time, with the live model's batches running between those calls, then becomes live with one reference
+assignment; requests already queued keep the model they were validated against (see batcher.py), so no request
+fails or changes model mid-flight. When the new model's text encoder encodes like the live one's, the new model
+takes the live one's encoder, and with it the encoded-prompt cache.
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ from PIL import Image
 
 from tbcm.service.batcher import BatchResult, Batcher, Job, Rejected
 from tbcm.service.config import ServiceConfig
-from tbcm.service.metrics import Metrics
-from tbcm.service.runtime import LoadedModel, load_model, warm_up
+from tbcm.models.pipeline import PipelineError
+
+from tbcm.service.metrics import REJECT_LOG_INTERVAL_S, Metrics
+from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, same_text_encoder, warm_up_calls
 from tbcm.service.schema import ImageRequest
 
 log = logging.getLogger("tbcm.service")
@@ -69,7 +73,13 @@ class Engine:
         self.batcher = Batcher(config, metrics)
         self._encoder = ThreadPoolExecutor(config.encode_threads, thread_name_prefix="tbcm-encode")
         self._swap_lock = threading.Lock()
+        self._closed = threading.Event()
         threading.Thread(target=self._load_first, args=(on_fatal,), name="tbcm-load", daemon=True).start()
+        threading.Thread(target=self._log_rejections, name="tbcm-log", daemon=True).start()
+
+    def _log_rejections(self) -> None:
+        while not self._closed.wait(REJECT_LOG_INTERVAL_S):
+            self.metrics.log_rejections()
 
     def _load_first(self, on_fatal: Callable[[str], None]) -> None:
         log.info("loading model %r", self.config.model)
@@ -79,14 +89,20 @@ class Engine:
             self.error = f"cannot serve model {self.config.model!r}: {err}"
             on_fatal(self.error)
             return
-        log.info("model %r live from %s after %.1f s (loaded and warmed up)", self.model.spec,
-                 self.model.pipe.path, self.model.load_seconds)
+        self.metrics.set_live(None, (self.model.spec, self.model.manifest_sha256))
+        log.info("model %r live from %s after %.1f s (loaded and warmed up; manifest sha256 %s)", self.model.spec,
+                 self.model.pipe.path, self.model.load_seconds, self.model.manifest_sha256[:12])
 
-    def _load(self, spec: str) -> LoadedModel:
-        """Load on this thread, warm up on the generator thread (between batches)."""
+    def _load(self, spec: str, live: LoadedModel | None = None) -> LoadedModel:
+        """Load on this thread; take the live model's text encoder (and prompt cache) when it encodes alike; warm up
+        on the generator thread, one call at a time, so the live model's batches run in between."""
         started = time.perf_counter()
         model = load_model(spec, self.config)
-        self.batcher.call(lambda: warm_up(model)).result()
+        if live is not None and same_text_encoder(live.pipe.text, model.pipe.text):
+            model.pipe.text = live.pipe.text
+            log.info("hot swap: %r shares the live model's text encoder and prompt cache", spec)
+        for call in warm_up_calls(model):
+            self.batcher.call(call).result()
         freeze_heap()
         model.load_seconds = time.perf_counter() - started
         return model
@@ -106,13 +122,21 @@ class Engine:
         if not self._swap_lock.acquire(blocking=False):
             raise SwapInProgress("a hot swap is already in progress")
         try:
-            model = self._load(spec)
-            old, self.model = self.model, model
-            log.info("hot swap: %s -> %s (%s) after %.1f s", old and old.spec, model.spec, model.pipe.path,
-                     model.load_seconds)
-            return model
+            live = self.live_model()
+            check_swap_spec(spec, self.config.root_list())
+            model = self._load(spec, live)
+        except PipelineError as err:
+            self.metrics.swap_failures.inc()
+            log.warning("hot swap to %r refused; %r stays live: %s", spec[:200], live.spec, str(err)[:500])
+            raise
         finally:
             self._swap_lock.release()
+        self.model = model
+        self.metrics.swaps.inc()
+        self.metrics.set_live((live.spec, live.manifest_sha256), (model.spec, model.manifest_sha256))
+        log.info("hot swap: %r -> %r (%s, manifest sha256 %s) after %.1f s", live.spec, model.spec,
+                 model.pipe.path, model.manifest_sha256[:12], model.load_seconds)
+        return model
 
     def info(self) -> dict:
         model = self.model
@@ -145,10 +169,11 @@ class Engine:
                                                              request.format, request.quality)
                                         for pixels in result.images))
         encode_seconds = time.perf_counter() - started
-        self.metrics.observe_stage("image_encoding", encode_seconds)
+        self.metrics.observe_request_stage("image_encoding", encode_seconds)
         self.metrics.images.inc(len(images))
         return Answer(list(images), request.seeds, model, result, encode_seconds, time.monotonic() - arrived)
 
     def close(self) -> None:
+        self._closed.set()
         self.batcher.close()
         self._encoder.shutdown(wait=False, cancel_futures=True)

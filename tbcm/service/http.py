@@ -2,10 +2,13 @@
 
     POST /generate                 native: image bytes (n=1) or JSON with base64 images (n>1); X-Seed header
     POST /v1/images/generations    OpenAI Images API request and response (b64_json)
+    GET  /v1/models                the live model, as OpenAI's model list
     GET  /info                     the live model (path, manifest), config, queue
     POST /admin/swap               hot swap to another model (Authorization: Bearer $TBCM_ADMIN_TOKEN)
+    GET  /openapi.json, /docs      the OpenAPI document of all of these (service/openapi.py), and its page
 
-Every error is JSON in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, never a traceback.
+Bodies are the pydantic models of service/schema.py. Every error, 404 and 405 included, is JSON in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import base64
 import dataclasses
 import functools
 import hmac
-import json
 import logging
 import os
 import time
@@ -22,42 +24,61 @@ from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Match, Route
 
 from tbcm.models.pipeline import PipelineError
 
 from tbcm.service.batcher import Rejected
 from tbcm.service.config import ADMIN_TOKEN_ENV
 from tbcm.service.engine import Answer, Engine, SwapInProgress
-from tbcm.service.schema import InvalidRequest, parse_native, parse_openai
+from tbcm.service.openapi import DOCS_PAGE, openapi_document
+from tbcm.service.runtime import OutsideModelRoots
+from tbcm.service.schema import (ErrorResponse, GenerateResponse, ImagesResponse, InvalidRequest, Limits, ModelList,
+                                 SwapResponse, parse_json, parse_native, parse_openai, parse_swap)
 
 log = logging.getLogger("tbcm.service")
-ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 409: "conflict", 413: "invalid_request_error",
-               429: "rate_limit_error", 499: "client_disconnected", 500: "server_error", 503: "overloaded",
-               504: "timeout"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_error", 499: "client_disconnected",
+               500: "server_error", 503: "overloaded", 504: "timeout"}
+REJECT_REASONS = {400: "invalid", 404: "not_found"}
 
 
-def error_response(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> Response:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": None}}
-    headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_response(status: int, message: str, param: str | None = None, retry_after: int | None = None,
+                   code: str | None = None, headers: dict | None = None) -> Response:
+    body = ErrorResponse(error={"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param,
+                                "code": code})
+    headers = dict(headers or {}) | ({} if retry_after is None else {"Retry-After": str(retry_after)})
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def read_json(request: Request, limit: int):
-    """The body as JSON, refusing more than `limit` bytes (declared or streamed) with 413."""
+    """The body as JSON: 413 past `limit` bytes (declared or streamed), 415 unless the content-type is JSON (a
+    missing one is read as JSON)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise Rejected(413, "too_large", f"the body is {declared} bytes; at most {limit} are allowed")
+    if not _is_json(request.headers.get("content-type", "")):
+        raise Rejected(415, "unsupported_media_type", f"the body must be application/json, got content-type "
+                       f"{request.headers['content-type'][:100]!r}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise Rejected(413, "too_large", f"the body is over {limit} bytes; at most {limit} are allowed")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest(None, "the body must be a JSON object (content-type: application/json)") from None
+    return parse_json(bytes(body))
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case); None without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 async def wait_disconnect(request: Request) -> None:
@@ -82,6 +103,23 @@ def answer_headers(answer: Answer, ignored: list[str]) -> dict:
     return headers
 
 
+class FallbackRoute(Route):
+    """Every path and method, except the paths BentoML routes after our mounted app (its index page, /docs.json and
+    /static_content/, added behind the mount in _bentoml_impl/server/app.py): BentoML's probes and /metrics come
+    before the mount, so whatever else reaches us and matches no route of ours is answered by `endpoint`."""
+    BENTOML_AFTER_MOUNT = ("/", "/docs.json")
+
+    def __init__(self, endpoint):
+        super().__init__("/{path:path}", endpoint, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                                            "OPTIONS"])
+
+    def matches(self, scope):
+        path = scope.get("path", "")
+        if path in self.BENTOML_AFTER_MOUNT or path.startswith("/static_content/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def build_app(get_engine: Callable[[], Engine]) -> Starlette:
     """The routes; `get_engine` returns the running service's engine (looked up per request)."""
 
@@ -101,42 +139,53 @@ def build_app(get_engine: Callable[[], Engine]) -> Starlette:
             return Response(answer.images[0], media_type=f"image/{image_request.format}", headers=headers)
         images = [{"seed": seed, "b64": base64.b64encode(data).decode()}
                   for seed, data in zip(answer.seeds, answer.images)]
-        return JSONResponse({"model": answer.model.spec, "format": image_request.format, "images": images},
-                            headers=headers)
+        body = GenerateResponse(model=answer.model.spec, format=image_request.format, images=images)
+        return JSONResponse(body.model_dump(), headers=headers)
 
     async def openai_generations(request: Request) -> Response:
         image_request, answer = await generate_images(request, parse_openai)
         data = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": image_request.prompt}
                 for image in answer.images]
-        size = f"{image_request.size}x{image_request.size}"
-        return JSONResponse({"created": int(time.time()), "data": data, "output_format": image_request.format,
-                             "size": size, "seed": answer.seeds[0]},
-                            headers=answer_headers(answer, image_request.ignored))
+        body = ImagesResponse(created=int(time.time()), data=data, output_format=image_request.format,
+                              size=f"{image_request.size}x{image_request.size}", seed=answer.seeds[0])
+        return JSONResponse(body.model_dump(), headers=answer_headers(answer, image_request.ignored))
+
+    async def models(request: Request) -> Response:
+        model = get_engine().live_model()
+        return JSONResponse(ModelList(data=[{"id": model.spec, "created": int(model.loaded_at)}]).model_dump())
 
     async def info(request: Request) -> Response:
         engine = get_engine()
         return JSONResponse({**engine.info(), "config": dataclasses.asdict(engine.config),
                              "admin": bool(os.environ.get(ADMIN_TOKEN_ENV))})
 
+    async def openapi(request: Request) -> Response:
+        engine = get_engine()
+        limits = Limits.of(engine.config, engine.live_model())
+        return JSONResponse(openapi_document(limits, bool(os.environ.get(ADMIN_TOKEN_ENV))))
+
+    async def docs(request: Request) -> Response:
+        return HTMLResponse(DOCS_PAGE)
+
     async def swap(request: Request) -> Response:
         token = os.environ.get(ADMIN_TOKEN_ENV, "")
         if not token:
             return error_response(403, f"the admin endpoint is disabled: {ADMIN_TOKEN_ENV} is not set")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return error_response(403, "a valid admin token is required (Authorization: Bearer <token>)")
+        given = bearer_token(request)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            return error_response(401, "a valid admin token is required (Authorization: Bearer <token>)",
+                                  headers={"WWW-Authenticate": 'Bearer realm="tbcm admin"'})
         engine = get_engine()
-        body = await read_json(request, engine.config.max_body_bytes)
-        spec = body.get("model") if isinstance(body, dict) else None
-        if not isinstance(spec, str) or not spec.strip():
-            raise InvalidRequest("model", "model must be a pipeline folder, shipped name or model-store tag")
+        spec = parse_swap(await read_json(request, engine.config.max_body_bytes))
         try:
             model = await asyncio.to_thread(engine.swap, spec)
         except SwapInProgress as err:
             return error_response(409, str(err))
+        except OutsideModelRoots as err:
+            return error_response(403, str(err), "model")
         except PipelineError as err:
             return error_response(400, str(err), "model")
-        return JSONResponse({"live": model.describe()})
+        return JSONResponse(SwapResponse(live=model.describe()).model_dump())
 
     def guarded(handler):
         """Turn every refusal into its JSON error (counted by reason) and anything else into a plain 500."""
@@ -146,8 +195,8 @@ def build_app(get_engine: Callable[[], Engine]) -> Starlette:
             try:
                 return await handler(request)
             except InvalidRequest as err:
-                engine.metrics.reject("invalid")
-                return error_response(400, err.message, err.param)
+                engine.metrics.reject(REJECT_REASONS[err.status])
+                return error_response(err.status, err.message, err.param, code=err.code)
             except Rejected as err:
                 engine.metrics.reject(err.reason)
                 return error_response(err.status, err.message, retry_after=err.retry_after)
@@ -158,9 +207,24 @@ def build_app(get_engine: Callable[[], Engine]) -> Starlette:
 
         return endpoint
 
-    return Starlette(routes=[
+    routes = [
         Route("/generate", guarded(generate), methods=["POST"]),
         Route("/v1/images/generations", guarded(openai_generations), methods=["POST"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/info", guarded(info), methods=["GET"]),
         Route("/admin/swap", guarded(swap), methods=["POST"]),
-    ])
+        Route("/openapi.json", guarded(openapi), methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+
+    async def no_route(request: Request) -> Response:
+        """Every other path and method (BentoML passes what its own routes do not take): 405 naming the allowed
+        methods of a route of ours, else 404, in our JSON shape instead of Starlette's plain text."""
+        path = ascii(request.url.path[:200])
+        for route in routes:
+            if route.matches(request.scope)[0] == Match.PARTIAL:
+                return error_response(405, f"{request.method} is not allowed on {path}",
+                                      headers={"Allow": ", ".join(sorted(route.methods))})
+        return error_response(404, f"no route {request.method} {path}; see /openapi.json")
+
+    return Starlette(routes=[*routes, FallbackRoute(no_route)])

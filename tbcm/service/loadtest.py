@@ -1,32 +1,18 @@
-"""`tbcm loadtest URL`: open-loop (fixed or Poisson arrivals) and closed-loop load, and a sweep for the highest
-rate that meets a p99 SLO.
+"""`tbcm loadtest URL`: its config, the recorder of outcomes and the report (percentiles, goodput, where the
+time went, prompts and the server's prompt-cache hits). The load itself is service/loadrun.py (aiohttp, a [bench]
+dependency); this module imports nothing beyond the standard library, so `tbcm --help` needs neither.
 
 Open loop sends each request at its scheduled time whatever the server does, and measures latency from that
 scheduled time, so a stalled server shows up as latency instead of as fewer requests (no coordinated omission).
 Closed loop runs `concurrency` clients that each send the next request when the last one is answered. Requests
 scheduled (open) or sent (closed) during the warm-up are answered but not counted.
-
-The transport is aiohttp: the client usually shares the machine with the server, and its CPU per request decides
-whether it can hold an open-loop rate at all (`client_send_lag_ms_max` is how far it fell behind its own schedule;
-with httpx's client, whose per-request CPU grows with its connection pool, 3x overload left it far behind).
 """
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import math
-import random
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-
-import aiohttp
-from yarl import URL  # aiohttp's URL type (an aiohttp dependency)
-
-DEFAULT_PROMPTS = ("a small red circle on the left", "a large blue square at the top",
-                   "a green triangle in the middle", "two yellow circles at the bottom right")
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -40,12 +26,13 @@ class LoadTestConfig:
     slo_ms: float = 1000.0  # a 200 within this counts toward goodput; the sweep's p99 target
     endpoint: str = "/generate"  # path the requests are POSTed to (/generate or /v1/images/generations)
     body: str = "{}"  # JSON merged into every request body, e.g. '{"steps": 2}'
-    prompts: str = ""  # file with one prompt per line (default: four built-in shapes prompts)
+    prompts: str = ""  # file with one prompt per line, used in shuffled order; empty: unique shapes captions
+    repeat_ratio: float = 0.0  # chance that a request repeats a prompt already sent (0: every prompt is new)
     timeout_s: float = 60.0  # client-side timeout of one request
     max_in_flight: int = 512  # open loop: a request due while this many are outstanding is counted as client_overflow
     seed: int = 0  # seed of the arrival times and the prompt choice
     json_out: str = ""  # write the report to this JSON file
-    sweep: bool = False  # find the highest open-loop rate at which 99% of requests get a 200 within slo_ms
+    sweep: bool = False  # find the highest open-loop rate at which 99 in 100 requests get a 200 within slo_ms
     sweep_probes: int = 4  # rates tried between the last good and the first bad rate once doubling has failed
     sweep_max_rate: float = 512.0  # stop doubling here
     progress: bool = True  # print a live progress line to stderr
@@ -55,6 +42,8 @@ class LoadTestConfig:
             raise ValueError("mode must be open or closed, arrival poisson or fixed")
         if self.rate <= 0 or self.concurrency < 1 or self.duration_s <= 0 or self.warmup_s < 0:
             raise ValueError("rate and duration_s must be > 0, concurrency >= 1, warmup_s >= 0")
+        if not 0 <= self.repeat_ratio <= 1:
+            raise ValueError(f"repeat_ratio must be between 0 and 1, got {self.repeat_ratio}")
         extra = json.loads(self.body)
         if not isinstance(extra, dict):
             raise ValueError(f"body must be a JSON object, got {self.body!r}")
@@ -155,141 +144,33 @@ def parse_server_timing(header: str) -> dict:
     return stages
 
 
-class _Client:
-    """POSTs JSON bodies to one URL and answers (status, Server-Timing stages): the status is the HTTP code,
-    client_timeout when the request took longer than the config's timeout_s, or error:<exception name> when the
-    connection failed."""
-
-    def __init__(self, session: aiohttp.ClientSession, target: URL):
-        self.session, self.target = session, target
-
-    async def send(self, body: dict) -> tuple[str, dict]:
-        try:
-            async with self.session.post(self.target, json=body) as response:
-                await response.read()
-                return str(response.status), parse_server_timing(response.headers.get("Server-Timing", ""))
-        except TimeoutError:  # aiohttp's timeouts (ServerTimeoutError too) are TimeoutErrors
-            return "client_timeout", {}
-        except aiohttp.ClientError as err:
-            return f"error:{type(err).__name__}", {}
+CACHE_SERIES = {"hits": "tbcm_prompt_cache_hits_total", "misses": "tbcm_prompt_cache_misses_total"}
 
 
-def _bodies(config: LoadTestConfig):
-    prompts = DEFAULT_PROMPTS
-    if config.prompts:
-        prompts = [line.strip() for line in Path(config.prompts).read_text().splitlines() if line.strip()]
-    rng, extra = random.Random(config.seed + 1), json.loads(config.body)
-    while True:
-        yield {"prompt": rng.choice(prompts), **extra}
+def cache_counts(metrics_text: str) -> dict[str, float] | None:
+    """The server's prompt-cache counters from its /metrics text; None when it has none (not a tbcm server)."""
+    counts = {}
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        for key, series in CACHE_SERIES.items():
+            if name == series:
+                counts[key] = float(value)
+    return counts if len(counts) == len(CACHE_SERIES) else None
 
 
-async def _open_loop(client: _Client, config: LoadTestConfig, recorder: Recorder, t0: float) -> None:
-    rng, bodies = random.Random(config.seed), _bodies(config)
-    tasks, offset = set(), 0.0
-
-    async def one(scheduled: float, body: dict) -> None:
-        status, stages = await client.send(body)
-        recorder.finish(scheduled, status, clock() - (t0 + scheduled), stages)
-
-    while offset < config.warmup_s + config.duration_s:
-        await asyncio.sleep(max(0.0, t0 + offset - clock()))
-        recorder.max_send_lag = max(recorder.max_send_lag, clock() - (t0 + offset))
-        if recorder.in_flight >= config.max_in_flight:
-            recorder.add(offset, "client_overflow", 0.0)
-        else:
-            recorder.begin()
-            task = asyncio.ensure_future(one(offset, next(bodies)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        offset += rng.expovariate(config.rate) if config.arrival == "poisson" else 1.0 / config.rate
-    await asyncio.gather(*tasks)
+def cache_report(before: dict | None, after: dict | None) -> dict:
+    """Hits and misses of the server's prompt cache between two scrapes (the whole run, warm-up included)."""
+    if before is None or after is None:
+        return {"hits": None, "misses": None, "hit_ratio": None}
+    hits, misses = (after[key] - before[key] for key in ("hits", "misses"))
+    return {"hits": hits, "misses": misses, "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None}
 
 
-async def _closed_loop(client: _Client, config: LoadTestConfig, recorder: Recorder, t0: float) -> None:
-    bodies = _bodies(config)
-
-    async def worker() -> None:
-        while (sent := clock() - t0) < config.warmup_s + config.duration_s:
-            recorder.begin()
-            status, stages = await client.send(next(bodies))
-            recorder.finish(sent, status, clock() - t0 - sent, stages)
-
-    await asyncio.gather(*(worker() for _ in range(config.concurrency)))
-
-
-async def _run(url: str, config: LoadTestConfig) -> dict:
-    connections = config.max_in_flight if config.mode == "open" else config.concurrency
-    # idle connections are dropped before uvicorn's 5 s keep-alive timeout would close them under a request
-    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=2.0)
-    timeout = aiohttp.ClientTimeout(total=config.timeout_s)  # the whole request, waiting for a connection included
-    recorder = Recorder(config)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                     cookie_jar=aiohttp.DummyCookieJar()) as session:
-        client = _Client(session, URL(url.rstrip("/") + config.endpoint))
-        t0 = clock() + 0.05
-        load = _open_loop if config.mode == "open" else _closed_loop
-        task = asyncio.ensure_future(load(client, config, recorder, t0))
-        while not task.done():
-            await asyncio.wait({task}, timeout=1.0)
-            if config.progress:
-                print(recorder.progress_line(clock() - t0), end="", file=sys.stderr, flush=True)
-        task.result()
-    if config.progress:
-        print(file=sys.stderr)
-    return recorder.report()
-
-
-def run_load(url: str, config: LoadTestConfig) -> dict:
-    """One load run. The objects alive before it are frozen out of the cyclic collector meanwhile: a full collection
-    walking a big heap (bench_serving's client has torch loaded) would stall the client's clock, not the server."""
-    gc.collect()
-    gc.freeze()
-    try:
-        return event_loop_runner()(_run(url, config))
-    finally:
-        gc.unfreeze()
-
-
-def event_loop_runner():
-    """uvloop's runner where it is installed (less client CPU per request on a shared machine), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
-
-
-def meets_slo(report: dict) -> bool:
-    """99% of the measured requests got a 200 within the SLO (a p99 bound that counts failures as misses)."""
-    return report["requests"] > 0 and report["slo_met_fraction"] >= 0.99
-
-
-def sweep(url: str, config: LoadTestConfig) -> dict:
-    """Double the open-loop rate until the SLO fails, then bisect between the last good and first bad rate."""
-    probes, good, bad, rate = [], None, None, config.rate
-    while rate <= config.sweep_max_rate:
-        probes.append(run_load(url, replace(config, mode="open", rate=rate)))
-        if not meets_slo(probes[-1]):
-            bad = rate
-            break
-        good, rate = rate, rate * 2
-    for _ in range(config.sweep_probes if bad is not None and good is not None else 0):
-        rate = (good + bad) / 2
-        probes.append(run_load(url, replace(config, mode="open", rate=rate)))
-        good, bad = (rate, bad) if meets_slo(probes[-1]) else (good, rate)
-    return {"sweep": True, "slo_ms": config.slo_ms, "best_rate": good, "first_failing_rate": bad,
-            "probes": probes}
-
-
-def loadtest(url: str, config: LoadTestConfig) -> dict:
-    """Run what the config asks for, print a summary, write the JSON report if asked."""
-    report = sweep(url, config) if config.sweep else run_load(url, config)
-    report = {"url": url, "config": asdict(config), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **report}
-    if config.json_out:
-        Path(config.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.json_out).write_text(json.dumps(report, indent=2))
-    return report
+def prompt_line(prompts: dict, cache: dict) -> str:
+    ratio = "unknown (no tbcm_prompt_cache_* series)" if cache["hits"] is None else \
+        f"{cache['hit_ratio']} ({cache['hits']:g} hits, {cache['misses']:g} misses)"
+    return (f"prompts: {prompts['sent']} sent, {prompts['distinct']} distinct, repeat fraction "
+            f"{prompts['repeat_fraction']:g}; server prompt-cache hit ratio {ratio}")
 
 
 def summary(report: dict) -> str:
@@ -308,6 +189,8 @@ def summary(report: dict) -> str:
         if slowest:
             parts = ", ".join(f"{k} {v:g}" for k, v in slowest.items() if k != "requests")
             lines.append(f"  slowest 1% ({slowest['requests']} requests), mean ms: {parts}")
+        if "prompts" in run:
+            lines.append(f"  {prompt_line(run['prompts'], run['prompt_cache'])}")
     if report.get("sweep"):
         lines.append(f"highest rate meeting p99 <= {report['slo_ms']:g} ms: {report['best_rate']} req/s "
                      f"(first failing: {report['first_failing_rate']})")

@@ -1,22 +1,27 @@
 """A served model: the pipeline, its generator, the limits requests are checked against, and its batch-time model.
 
 `load_model` resolves a model spec (shipped name, pipeline folder, or BentoML model-store tag) and loads it;
-`warm_up` runs it at every step count a request may use cheaply and times each call, so the batch-time model can
-predict from the first request on whether a deadline can be met.
+`warm_up_calls` are the calls that run it at every step count a request may use cheaply and time each one, so the
+batch-time model can predict from the first request on whether a deadline can be met.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
-from tbcm.models.pipeline import Pipeline, PipelineError, load_pipeline, resolve_model
+from tbcm.models.pipeline import SHIPPED, Pipeline, PipelineError, load_pipeline, resolve_model
+from tbcm.models.text import TextEncoder
 
 from tbcm.service.config import ServiceConfig
 
@@ -38,6 +43,42 @@ def resolve_spec(spec: str) -> Path:
         except (NotFound, BentoMLException, ValueError):
             raise PipelineError(f"model {spec!r}: {folder_error}; and no BentoML model-store tag {spec!r} "
                                 f"(see `bentoml models list`)") from None
+
+
+class OutsideModelRoots(PipelineError):
+    """A hot swap named a folder outside the configured model roots."""
+
+
+def check_swap_spec(spec: str, roots: list[str]) -> None:
+    """A swap may name a shipped model, a model-store tag (name:version) or a folder under one of `roots`; the
+    check reads nothing from disk, so its error says nothing about what exists there."""
+    if spec in SHIPPED or (":" in spec and "/" not in spec and os.sep not in spec):
+        return
+    path = os.path.realpath(spec)
+    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        where = ", ".join(roots) if roots else "none are configured"
+        raise OutsideModelRoots(f"model {spec[:200]!r}: a hot swap may load a shipped name ({', '.join(sorted(SHIPPED))}),"
+                                f" a model-store tag, or a folder under the model roots (TBCM_MODEL_ROOTS: {where})")
+
+
+def manifest_sha256(pipe: Pipeline) -> str:
+    """SHA-256 of the folder's tbcm.json as stored (of its parsed contents when the folder has none)."""
+    manifest = pipe.path / "tbcm.json" if pipe.path is not None else None
+    data = manifest.read_bytes() if manifest is not None and manifest.exists() else \
+        json.dumps(pipe.info, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def same_text_encoder(a: TextEncoder, b: TextEncoder) -> bool:
+    """Whether two text encoders encode every prompt alike: same tokenizer vocabulary, length, instruction, class
+    and weights (compared tensor by tensor), on the same device."""
+    if (a.max_length, a.complex_human_instruction, type(a.encoder), a.device) != \
+            (b.max_length, b.complex_human_instruction, type(b.encoder), b.device):
+        return False
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+        return False
+    ours, theirs = a.encoder.state_dict(), b.encoder.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 class BatchTimeModel:
@@ -84,6 +125,7 @@ class LoadedModel:
     generator: Generator
     sizes: list[int]               # allowed square sizes, the default first
     times: BatchTimeModel
+    manifest_sha256: str = ""
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
 
@@ -98,10 +140,16 @@ class LoadedModel:
     def describe(self) -> dict:
         """What /info shows about the live model."""
         return {"spec": self.spec, "path": str(self.pipe.path), "kind": self.kind, "manifest": self.pipe.info,
+                "manifest_sha256": self.manifest_sha256,
                 "sizes": self.sizes, "default_steps": self.generator.default_steps,
                 "max_steps": self.generator.max_steps, "max_prompt_tokens": self.pipe.text.max_length,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
                 "load_seconds": round(self.load_seconds, 3)}
+
+    def cached_prompts(self, prompts: list[str]) -> int:
+        """How many of these distinct prompts the text encoder has cached (read on the generator thread, the only
+        one that encodes, right before the call)."""
+        return sum(prompt in self.pipe.text._cache for prompt in prompts)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, size: int, guidance: list[float],
                  delay_s: float = 0.0):
@@ -144,16 +192,20 @@ def load_model(spec: str, config: ServiceConfig) -> LoadedModel:
             generator.check(generator.default_steps, size)
         except ValueError as err:
             raise PipelineError(f"model {spec!r}: configured sizes: {err}") from None
-    return LoadedModel(spec, pipe, generator, sizes, BatchTimeModel(config.microbatch))
+    return LoadedModel(spec, pipe, generator, sizes, BatchTimeModel(config.microbatch), manifest_sha256(pipe))
 
 
-def warm_up(model: LoadedModel) -> None:
-    """Run each cheap step count once to pay one-time costs, then once more, timed, to seed the time model."""
+def warm_up_calls(model: LoadedModel) -> list[Callable[[], object]]:
+    """The warm-up, as separate generator calls: each cheap step count and size once to pay one-time costs
+    (untimed), then once more, timed, to seed the time model. Run one by one on the generator thread, they let
+    the live model's batches run between them (a hot swap does not stall serving for the whole warm-up)."""
     gen = model.generator
     step_counts = range(1, min(WARMUP_STEPS, gen.max_steps) + 1) if model.pipe.is_student else [gen.default_steps]
     rows = gen.microbatch
     prompts, seeds, guidance = [WARMUP_PROMPT] * rows, list(range(rows)), [DEFAULT_GUIDANCE] * rows
+    calls = []
     for steps in step_counts:
         for size in model.sizes:
-            gen.generate(prompts, seeds, steps=steps, guidance=guidance, size=size)  # one-time costs, untimed
-            model.generate(prompts, seeds, steps, size, guidance)
+            calls.append(functools.partial(gen.generate, prompts, seeds, steps=steps, guidance=guidance, size=size))
+            calls.append(functools.partial(model.generate, prompts, seeds, steps, size, guidance))
+    return calls

@@ -1,14 +1,20 @@
-"""Request bodies -> ImageRequest, checked field by field against the service config and the live model.
+"""The API's bodies, declared once as pydantic models: requests are validated with them, responses are built with
+them, and the OpenAPI document (service/openapi.py) is generated from them.
 
-Two schemas share the checks: the native `POST /generate` and OpenAI's `POST /v1/images/generations` (with our
-extras seed, steps, guidance, negative_prompt as top-level fields). Every failure raises InvalidRequest naming
-the field and what is allowed; fields that are accepted without effect are listed in `ImageRequest.ignored`.
+The request models depend on the service config and the live model (sizes, step range, n, prompt limits), so
+`request_models(limits)` builds them for the `Limits` of the moment; a hot swap gives new limits, and so a new
+document. Every validation failure becomes one InvalidRequest naming the field and what is allowed; fields that
+are accepted without effect are listed in `ImageRequest.ignored`.
 """
 from __future__ import annotations
 
-import re
+import functools
+import json
 import secrets
 from dataclasses import dataclass, field
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tbcm.models.generator import DEFAULT_GUIDANCE
 from tbcm.models.text import PromptTooLong
@@ -17,20 +23,98 @@ from tbcm.service.config import IMAGE_FORMATS, ServiceConfig
 from tbcm.service.runtime import LoadedModel
 
 MAX_SEED = 2**32 - 1
+MAX_INT_DIGITS = 40  # longer JSON integers are read as infinity (refused by every field), never parsed in full
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 # negative_prompt: the students' guidance is an embedded scalar (no CFG), and the teacher path guides against
 # the empty prompt, so a negative prompt cannot change the image; accepted (tools send it) and reported ignored.
-COMMON_FIELDS = ("prompt", "n", "seed", "steps", "guidance", "negative_prompt")
-NATIVE_FIELDS = COMMON_FIELDS + ("size", "format", "quality")
-OPENAI_FIELDS = COMMON_FIELDS + ("size", "response_format", "output_format", "output_compression", "background",
-                                 "stream", "partial_images", "model", "quality", "style", "user", "moderation",
-                                 "safety_identifier")
 OPENAI_NO_EFFECT = ("model", "quality", "style", "user", "moderation", "safety_identifier")
 
 
 class InvalidRequest(ValueError):
-    def __init__(self, param: str | None, message: str):
+    def __init__(self, param: str | None, message: str, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.message = param, message
+        self.param, self.message, self.status, self.code = param, message, status, code
+
+
+def unicode_text(value: str) -> str:
+    """Text the tokenizer can take: no unpaired surrogate (valid JSON, e.g. "\\ud800", but not Unicode)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"must be valid Unicode text; character {err.start} is an unpaired surrogate") from None
+    return value
+
+
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against: the config's limits and the live model's."""
+    model_id: str
+    max_prompt_chars: int
+    max_prompt_tokens: int
+    max_n: int
+    default_steps: int
+    max_steps: int
+    max_guidance: float
+    sizes: tuple[int, ...]  # the default first
+    default_format: str
+    default_quality: int
+
+    @classmethod
+    def of(cls, config: ServiceConfig, model: LoadedModel) -> "Limits":
+        return cls(model.spec, config.max_prompt_chars, model.pipe.text.max_length, config.max_n,
+                   model.generator.default_steps, model.generator.max_steps, config.max_guidance,
+                   tuple(model.sizes), config.default_format, config.default_quality)
+
+
+@functools.lru_cache(maxsize=16)
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(native /generate body, OpenAI /v1/images/generations body) for these limits."""
+    prompt_help = (f"{limits.max_prompt_chars} characters at most, and at most {limits.max_prompt_tokens} encoder "
+                   f"tokens (the model's max_sequence_length, special tokens included; longer prompts get 400)")
+    prompt = Annotated[Text, AfterValidator(not_blank), Field(min_length=1, max_length=limits.max_prompt_chars,
+                                                              description=prompt_help)]
+    negative = Annotated[Optional[Text], Field(None, max_length=limits.max_prompt_chars, description=(
+        "accepted and has no effect (embedded guidance; reported in X-Ignored-Fields)"))]
+    common = dict(
+        prompt=(prompt, ...),
+        n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
+        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, description=(
+            "seed of the first image (random when absent); seed + n - 1 must not exceed 4294967295"))),
+        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")),
+        guidance=(float, Field(DEFAULT_GUIDANCE, ge=0, le=limits.max_guidance, description="guidance scale")),
+        negative_prompt=negative)
+    sizes = Literal[limits.sizes]
+    formats = Literal[IMAGE_FORMATS]
+    native = create_model(
+        "GenerateRequest", __config__=STRICT, **common,
+        size=(sizes, Field(limits.sizes[0], description="side of the square image in pixels")),
+        format=(formats, Field(limits.default_format, description="image format")),
+        quality=(int, Field(limits.default_quality, ge=1, le=100, description="JPEG/WebP quality")))
+    size_names = Literal[("auto", *(f"{s}x{s}" for s in limits.sizes))]
+    no_effect = {name: (Optional[Text], Field(None, max_length=limits.max_prompt_chars, description=(
+        "accepted and has no effect (X-Ignored-Fields)" if name != "model" else
+        f"the model to use; only the live one, {limits.model_id!r} (GET /v1/models), is served: another gets 404")))
+        for name in OPENAI_NO_EFFECT}
+    openai = create_model(
+        "ImagesGenerationRequest", __config__=STRICT, **common, **no_effect,
+        size=(size_names, Field("auto", description="WIDTHxHEIGHT, square; auto is the model's default")),
+        response_format=(Literal["b64_json"], Field("b64_json", description="only b64_json (no URLs)")),
+        output_format=(formats, Field("png")),
+        output_compression=(int, Field(100 - limits.default_quality, ge=0, le=100,
+                                       description="quality = 100 - output_compression (JPEG/WebP)")),
+        background=(Literal["auto", "opaque"], Field("auto")),
+        stream=(Literal[False], Field(False, description="streaming is not supported")),
+        partial_images=(Literal[0], Field(0, description="partial images are not supported")))
+    return native, openai
 
 
 @dataclass
@@ -50,107 +134,165 @@ class ImageRequest:
         return [self.seed + i for i in range(self.n)]
 
 
-def _kind(value) -> str:
+def _big_int(text: str):
+    if len(text.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
+
+
+def parse_json(body: bytes):
+    """A request body as JSON (integers of more than MAX_INT_DIGITS digits read as +-infinity)."""
+    try:
+        return json.loads(body, parse_int=_big_int)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest(None, "the body must be a JSON object (content-type: application/json)") from None
+
+
+def kind(value) -> str:
     return "null" if value is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
         type(value), "number")
 
 
-def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(name, f"{name} must be an integer between {low} and {high}, got {_kind(value)}")
-    if not low <= value <= high:
-        raise InvalidRequest(name, f"{name} must be between {low} and {high}, got {value}")
-    return value
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return f"{len(value)} characters" if len(value) > 40 else json.dumps(value)
+    text = json.dumps(value) if isinstance(value, (bool, int, float)) and abs(value) < 1e30 else kind(value)
+    return text if len(text) <= 40 else kind(value)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(name, f"{name} must be a number between {low:g} and {high:g}, got {_kind(value)}")
-    if not low <= value <= high:
-        raise InvalidRequest(name, f"{name} must be between {low:g} and {high:g}, got {value:g}")
-    return float(value)
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _choice(body: dict, name: str, default, allowed: tuple):
-    value = body.get(name)
-    if value is None:
-        return default
-    if value not in allowed or type(value) not in {type(a) for a in allowed}:  # True == 1, but not here
-        names = ", ".join(str(a).lower() for a in allowed)
-        raise InvalidRequest(name, f"{name} must be one of {names}, got {value!r}")
-    return value
+def allowed(schema: dict) -> str:
+    """What a field's JSON schema allows, in words: 'an integer between 1 and 4', 'one of png, jpeg, webp'."""
+    options = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+    spec = options[0] if options else schema
+    if "enum" in spec or "const" in spec:
+        values = spec.get("enum", [spec.get("const")])
+        return "one of " + ", ".join(v if isinstance(v, str) else json.dumps(v) for v in values)
+    if spec.get("type") in ("integer", "number"):
+        noun = "an integer" if spec["type"] == "integer" else "a number"
+        return f"{noun} between {_number(spec['minimum'])} and {_number(spec['maximum'])}"
+    if spec.get("type") == "string":
+        return f"a string of {spec.get('minLength', 0)} to {spec['maxLength']} characters"
+    return spec.get("type", "a value")
 
 
-def _text(body: dict, name: str, limit: int, required: bool) -> str | None:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(name, f"{name} must be a string of 1 to {limit} characters, got {_kind(value)}")
-    if not value.strip():
-        raise InvalidRequest(name, f"{name} must not be empty")
-    if len(value) > limit:
-        raise InvalidRequest(name, f"{name} is {len(value)} characters; at most {limit} are allowed")
-    return value
+def _invalid(error: dict, model: type[BaseModel]) -> InvalidRequest:
+    """pydantic's first error -> InvalidRequest naming the field, what it allows and what it got."""
+    if not error["loc"]:
+        return InvalidRequest(None, f"the body must be a JSON object, got {kind(error['input'])}")
+    name = str(error["loc"][0])
+    fields = model.model_json_schema()["properties"]
+    if error["type"] == "extra_forbidden":
+        return InvalidRequest(name, f"unknown field {name!r}; allowed fields: {', '.join(fields)}")
+    if error["type"] == "missing":
+        return InvalidRequest(name, f"{name} is required: {allowed(fields[name])}")
+    if error["type"] == "value_error":
+        return InvalidRequest(name, f"{name} {error['ctx']['error']}")
+    value = error["input"]
+    got = kind(value) if error["type"].endswith("_type") else _shown(value)
+    return InvalidRequest(name, f"{name} must be {allowed(fields[name])}, got {got}")
 
 
-def _check_fields(body, allowed: tuple) -> None:
-    if not isinstance(body, dict):
-        raise InvalidRequest(None, f"the body must be a JSON object, got {_kind(body)}")
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise InvalidRequest(unknown[0], f"unknown field {unknown[0]!r}; allowed fields: {', '.join(allowed)}")
-
-
-def _common(body: dict, config: ServiceConfig, model: LoadedModel) -> dict:
-    """The fields both schemas share, checked; the prompt against characters first, then encoder tokens."""
-    prompt = _text(body, "prompt", config.max_prompt_chars, required=True)
+def _validate(model: type[BaseModel], body) -> BaseModel:
     try:
-        model.pipe.text.check(prompt)
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise _invalid(err.errors(include_url=False)[0], model) from None
+
+
+def _common(request: BaseModel, model: LoadedModel) -> dict:
+    """The checks a schema cannot state: encoder tokens, and seed + i in range."""
+    try:
+        model.pipe.text.check(request.prompt)
     except PromptTooLong as err:
         raise InvalidRequest("prompt", str(err)) from None
-    negative = _text(body, "negative_prompt", config.max_prompt_chars, required=False)
-    gen = model.generator
-    return dict(prompt=prompt, n=_integer(body, "n", 1, 1, config.max_n),
-                seed=_integer(body, "seed", secrets.randbelow(MAX_SEED + 1), 0, MAX_SEED),
-                steps=_integer(body, "steps", gen.default_steps, 1, gen.max_steps),
-                guidance=_number(body, "guidance", DEFAULT_GUIDANCE, 0.0, config.max_guidance),
-                ignored=[] if negative is None else ["negative_prompt"])
+    seed = secrets.randbelow(MAX_SEED + 2 - request.n) if request.seed is None else request.seed
+    if seed + request.n - 1 > MAX_SEED:
+        raise InvalidRequest("seed", f"seed + n - 1 must be at most {MAX_SEED} (image i uses seed + i), got seed "
+                             f"{seed} with n {request.n}")
+    return dict(prompt=request.prompt, n=request.n, seed=seed, steps=request.steps, guidance=request.guidance,
+                ignored=[] if request.negative_prompt is None else ["negative_prompt"])
 
 
 def parse_native(body, config: ServiceConfig, model: LoadedModel) -> ImageRequest:
-    _check_fields(body, NATIVE_FIELDS)
-    common = _common(body, config, model)
-    size = _choice(body, "size", model.default_size, tuple(model.sizes))
-    return ImageRequest(**common, size=size,
-                        format=_choice(body, "format", config.default_format, IMAGE_FORMATS),
-                        quality=_integer(body, "quality", config.default_quality, 1, 100))
+    request = _validate(request_models(Limits.of(config, model))[0], body)
+    return ImageRequest(**_common(request, model), size=request.size, format=request.format,
+                        quality=request.quality)
 
 
 def parse_openai(body, config: ServiceConfig, model: LoadedModel) -> ImageRequest:
-    _check_fields(body, OPENAI_FIELDS)
-    common = _common(body, config, model)
-    _choice(body, "response_format", "b64_json", ("b64_json",))
-    _choice(body, "background", "auto", ("auto", "opaque"))
-    _choice(body, "stream", False, (False,))
-    _choice(body, "partial_images", 0, (0,))
-    for name in OPENAI_NO_EFFECT:
-        _text(body, name, config.max_prompt_chars, required=False)
-    common["ignored"] += [name for name in OPENAI_NO_EFFECT if body.get(name) is not None]
-    size_text = body.get("size")
-    size = model.default_size
-    if size_text not in (None, "auto"):
-        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", size_text) if isinstance(size_text, str) else None
-        if not match or match.group(1) != match.group(2) or int(match.group(1)) not in model.sizes:
-            allowed = ", ".join(f"{s}x{s}" for s in model.sizes)
-            raise InvalidRequest("size", f"size must be auto or one of {allowed} for this model, got {size_text!r}")
-        size = int(match.group(1))
-    compression = _integer(body, "output_compression", 100 - config.default_quality, 0, 100)
-    return ImageRequest(**common, size=size, format=_choice(body, "output_format", "png", IMAGE_FORMATS),
-                        quality=max(1, 100 - compression))
+    request = _validate(request_models(Limits.of(config, model))[1], body)
+    if request.model is not None and request.model != model.spec:
+        raise InvalidRequest("model", f"model {request.model!r} is not served here; GET /v1/models lists "
+                             f"{model.spec!r}", status=404, code="model_not_found")
+    common = _common(request, model)
+    common["ignored"] += [name for name in OPENAI_NO_EFFECT if getattr(request, name) is not None]
+    size = model.default_size if request.size == "auto" else int(request.size.split("x")[0])
+    return ImageRequest(**common, size=size, format=request.output_format,
+                        quality=max(1, 100 - request.output_compression))
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = Field(None, description="the request field at fault, when one is")
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, 404 and 405 included: OpenAI's shape."""
+    error: ErrorBody
+
+
+class NativeImage(BaseModel):
+    seed: int
+    b64: str = Field(description="the encoded image, base64")
+
+
+class GenerateResponse(BaseModel):
+    """POST /generate with n > 1 (n = 1 answers the image bytes)."""
+    model: str
+    format: str
+    images: list[NativeImage]
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="unix seconds")
+    data: list[OpenAIImage]
+    output_format: str
+    size: str
+    seed: int = Field(description="seed of the first image; image i used seed + i")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tbcm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SwapRequest(BaseModel):
+    model_config = STRICT
+    model: Annotated[Text, AfterValidator(not_blank), Field(min_length=1, max_length=4096, description=(
+        "a shipped name, a BentoML model-store tag, or a pipeline folder under the configured model roots"))]
+
+
+class SwapResponse(BaseModel):
+    live: dict = Field(description="the now live model, as /info shows it")
+
+
+def parse_swap(body) -> str:
+    return _validate(SwapRequest, body).model

@@ -42,6 +42,7 @@ def stop_server(message: str) -> None:
                  logging={"access": {"enabled": IMPORT_CONFIG.access_log}})
 class TBCMService:
     def __init__(self) -> None:
+        logging.getLogger("tbcm").setLevel(logging.INFO)  # BentoML's root handler prints it; its root level is WARNING
         config = ServiceConfig.from_env()
         if config.switch_interval_ms:
             sys.setswitchinterval(config.switch_interval_ms / 1000)

@@ -80,15 +80,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(tiny_student_dir, tmp_path_factory):
-    """`tbcm serve` of the tiny student on a free port; yields its base URL."""
+@contextlib.contextmanager
+def serving(model: Path, log_path: Path, *extra: str):
+    """`tbcm serve MODEL` on a free port (admin token set), ready; yields its base URL; stopped with SIGINT."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("live") / "serve.log"
     env = {**os.environ, "TBCM_ADMIN_TOKEN": ADMIN_TOKEN}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tbcm.cli.main", "serve", "--model", str(tiny_student_dir),
-                                 "--port", str(port), "--host", "127.0.0.1", "--threads", "1"],
+        proc = subprocess.Popen([sys.executable, "-m", "tbcm.cli.main", "serve", "--model", str(model),
+                                 "--port", str(port), "--host", "127.0.0.1", "--threads", "1", *extra],
                                 cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -102,3 +101,23 @@ def live_server(tiny_student_dir, tmp_path_factory):
             proc.kill()
         if proc.returncode not in (0, -signal.SIGINT):
             print(log_path.read_text()[-4000:])
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """start_server(model, log_path, *args): the `serving` context manager, for tests that start servers."""
+    return serving
+
+
+@pytest.fixture(scope="session")
+def live_log(tmp_path_factory) -> Path:
+    """The log (stdout and stderr) of the live server."""
+    return tmp_path_factory.mktemp("live") / "serve.log"
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_student_dir, second_student_dir, live_log):
+    """`tbcm serve` of the tiny student on a free port, allowed to swap to both tiny students; yields its URL."""
+    roots = f"{tiny_student_dir.parent},{second_student_dir.parent}"
+    with serving(tiny_student_dir, live_log, "--model-roots", roots) as url:
+        yield url

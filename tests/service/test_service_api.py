@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 
 import pytest
@@ -114,9 +115,10 @@ def test_worker_sets_the_gil_switch_interval_and_freezes_the_loaded_heap(make_se
 
 
 def test_openai_schema_in_process(client):
+    live = client.get("/v1/models").json()["data"][0]["id"]
     response = client.post("/v1/images/generations", json={
         "prompt": PROMPT, "n": 2, "size": "16x16", "response_format": "b64_json", "output_format": "jpeg",
-        "output_compression": 50, "model": "anything", "quality": "auto", "user": "u1", "seed": 5, "steps": 2,
+        "output_compression": 50, "model": live, "quality": "auto", "user": "", "seed": 5, "steps": 2,
         "guidance": 4.0})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -134,9 +136,9 @@ def test_info_names_the_live_model(client, tiny_student_dir):
 
 
 BAD_NATIVE = [
-    ({}, "prompt", "must be a string"),
+    ({}, "prompt", "prompt is required: a string of 1 to 2000 characters"),
     ({"prompt": "   "}, "prompt", "must not be empty"),
-    ({"prompt": "x" * 2001}, "prompt", "at most 2000"),
+    ({"prompt": "x" * 2001}, "prompt", "a string of 1 to 2000 characters, got 2001 characters"),
     ({"prompt": "red " * 40}, "prompt", "encoder tokens; at most 16"),
     ({"prompt": 5}, "prompt", "must be a string"),
     ({"prompt": PROMPT, "steps": 0}, "steps", "between 1 and 4"),
@@ -151,6 +153,12 @@ BAD_NATIVE = [
     ({"prompt": PROMPT, "guidance": "high"}, "guidance", "must be a number"),
     ({"prompt": PROMPT, "seed": -1}, "seed", "between 0 and 4294967295"),
     ({"prompt": PROMPT, "seed": 2**32}, "seed", "between 0 and 4294967295"),
+    ({"prompt": PROMPT, "seed": 2**32 - 1, "n": 4}, "seed", "seed + n - 1 must be at most 4294967295"),
+    ('{"prompt": "a red circle", "seed": 1%s}' % ("0" * 5000), "seed",
+     "must be an integer between 0 and 4294967295, got number"),
+    ({"prompt": PROMPT, "guidance": 1e400}, "guidance", "must be a number between 0 and 20"),
+    ({"prompt": "\ud800 a red circle"}, "prompt", "unpaired surrogate"),
+    ({"prompt": PROMPT, "negative_prompt": "\udfff"}, "negative_prompt", "unpaired surrogate"),
     ({"prompt": PROMPT, "size": 32}, "size", "must be one of 16"),
     ({"prompt": PROMPT, "size": "16"}, "size", "must be one of 16"),
     ({"prompt": PROMPT, "format": "gif"}, "format", "png, jpeg, webp"),
@@ -161,14 +169,16 @@ BAD_NATIVE = [
 ]
 
 BAD_OPENAI = [
-    ({"prompt": PROMPT, "size": "32x32"}, "size", "auto or one of 16x16"),
-    ({"prompt": PROMPT, "size": "16x32"}, "size", "auto or one of 16x16"),
-    ({"prompt": PROMPT, "size": 16}, "size", "auto or one of 16x16"),
+    ({"prompt": PROMPT, "size": "32x32"}, "size", "size must be one of auto, 16x16, got \"32x32\""),
+    ({"prompt": PROMPT, "size": "16x32"}, "size", "one of auto, 16x16"),
+    ({"prompt": PROMPT, "size": 16}, "size", "one of auto, 16x16"),
+    ({"prompt": "\ud800"}, "prompt", "unpaired surrogate"),
+    ({"prompt": PROMPT, "user": "\ud800"}, "user", "unpaired surrogate"),
     ({"prompt": PROMPT, "response_format": "url"}, "response_format", "must be one of b64_json"),
     ({"prompt": PROMPT, "output_format": "svg"}, "output_format", "png, jpeg, webp"),
     ({"prompt": PROMPT, "output_compression": 101}, "output_compression", "between 0 and 100"),
     ({"prompt": PROMPT, "background": "transparent"}, "background", "auto, opaque"),
-    ({"prompt": PROMPT, "stream": True}, "stream", "must be one of false"),
+    ({"prompt": PROMPT, "stream": True}, "stream", "stream must be one of false, got true"),
     ({"prompt": PROMPT, "n": 7}, "n", "between 1 and 4"),
     ({"prompt": PROMPT, "style": 1}, "style", "must be a string"),
     ({"prompt": PROMPT, "svg": {}}, "svg", "unknown field"),
@@ -178,7 +188,10 @@ BAD_OPENAI = [
 @pytest.mark.parametrize("path,body,param,message", [("/generate", *case) for case in BAD_NATIVE] +
                          [("/v1/images/generations", *case) for case in BAD_OPENAI])
 def test_every_bad_field_is_a_400_naming_it(client, path, body, param, message):
-    response = client.post(path, json=body)
+    # sent as JSON text: a lone surrogate is valid JSON ("\ud800") that httpx's encoder would not write (a str body
+    # is JSON text already: a 5001-digit number that Python's int() refuses)
+    text = body if isinstance(body, str) else json.dumps(body)
+    response = client.post(path, content=text, headers={"content-type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and message in error["message"], error
@@ -192,7 +205,7 @@ def test_bodies_that_are_not_json_objects_are_400(client, content):
 
 
 def test_oversized_bodies_are_413_declared_or_streamed(client):
-    assert client.post("/generate", content=b"x" * 70000).status_code == 413
+    assert client.post("/generate", content=b"x" * 70000).status_code == 413  # before reading: no content-type check
 
     def chunks():
         for _ in range(20):
@@ -202,9 +215,54 @@ def test_oversized_bodies_are_413_declared_or_streamed(client):
     assert response.status_code == 413 and "65536" in response.json()["error"]["message"]
 
 
-def test_wrong_methods_and_paths(client):
-    assert client.get("/generate").status_code == 405
-    assert client.post("/nope", json={}).status_code == 404
+@pytest.mark.parametrize("content_type,status", [("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                                                 ("application/json; charset=utf-8", 200), (None, 200)])
+def test_content_types_other_than_json_are_415(client, content_type, status):
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/generate", content=json.dumps({"prompt": PROMPT}), headers=headers)
+    assert response.status_code == status
+    if status == 415:
+        assert "application/json" in response.json()["error"]["message"]
+
+
+def test_wrong_methods_and_paths_answer_our_json_errors(client):
+    wrong_method = client.get("/generate")
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.headers["allow"]
+    assert wrong_method.json()["error"]["message"] == "GET is not allowed on '/generate'"
+    for method in ("GET", "POST", "DELETE"):
+        missing = client.request(method, "/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    assert client.get("/docs.json").status_code == 200  # BentoML's routes behind ours still answer
+
+
+def test_models_lists_the_live_model_and_another_name_is_404(client, tiny_student_dir):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [str(tiny_student_dir)]
+    response = client.post("/v1/images/generations", json={"prompt": PROMPT, "model": "dall-e-3"})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "dall-e-3" in error["message"]
+
+
+def test_openapi_document_covers_every_endpoint_with_the_enforced_limits(make_service):
+    client = make_service(max_n=3)
+    document = client.get("/openapi.json").json()
+    assert {"/generate", "/v1/images/generations", "/v1/models", "/info", "/admin/swap", "/openapi.json",
+            "/docs", "/livez", "/readyz", "/metrics"} <= set(document["paths"])
+    schemas = document["components"]["schemas"]
+    native = schemas["GenerateRequest"]["properties"]
+    assert native["n"]["maximum"] == 3 and native["steps"]["maximum"] == 4 and native["size"]["const"] == 16
+    assert "at most 16 encoder tokens" in native["prompt"]["description"]
+    assert schemas["ImagesGenerationRequest"]["properties"]["size"]["enum"] == ["auto", "16x16"]
+    assert schemas["ImagesGenerationRequest"]["additionalProperties"] is False
+    generate = document["paths"]["/generate"]["post"]
+    assert {"200", "400", "413", "415", "429", "503", "504"} <= set(generate["responses"])
+    assert generate["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert document["paths"]["/admin/swap"]["post"]["security"] == [{"bearer": []}]
+    assert "401" in document["paths"]["/admin/swap"]["post"]["responses"]
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assert client.get("/static_content/swagger-ui-bundle.js").status_code == 200  # BentoML's copy, no CDN
 
 
 def test_admin_swap_is_disabled_without_a_token(client, monkeypatch, second_student_dir):
@@ -213,17 +271,55 @@ def test_admin_swap_is_disabled_without_a_token(client, monkeypatch, second_stud
     assert response.status_code == 403 and "disabled" in response.json()["error"]["message"]
 
 
-def test_admin_swap_checks_the_token_and_the_model(client, monkeypatch, second_student_dir, tmp_path):
+@pytest.mark.parametrize("authorization", [None, "Bearer nope", "secret", "Basic secret", "Bearer"])
+def test_admin_swap_needs_the_bearer_token(client, monkeypatch, second_student_dir, authorization):
     monkeypatch.setenv("TBCM_ADMIN_TOKEN", "secret")
-    swap = "/admin/swap"
-    assert client.post(swap, json={"model": str(second_student_dir)}).status_code == 403
-    wrong = {"Authorization": "Bearer nope"}
-    assert client.post(swap, json={"model": str(second_student_dir)}, headers=wrong).status_code == 403
-    good = {"Authorization": "Bearer secret"}
-    missing = client.post(swap, json={"model": str(tmp_path / "missing")}, headers=good)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = client.post("/admin/swap", json={"model": str(second_student_dir)}, headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_admin_swap_loads_only_from_the_model_roots(make_service, monkeypatch, second_student_dir, tmp_path):
+    from prometheus_client import REGISTRY
+
+    client = make_service(model_roots=str(second_student_dir.parent))
+    monkeypatch.setenv("TBCM_ADMIN_TOKEN", "secret")
+    good = {"Authorization": "bearer secret"}  # the scheme in any case
+    failures = REGISTRY.get_sample_value("tbcm_swap_failures_total") or 0.0
+    swaps = REGISTRY.get_sample_value("tbcm_swaps_total") or 0.0
+    for outside in (tmp_path / "missing", tmp_path, second_student_dir.parent / ".." / "elsewhere"):
+        refused = client.post("/admin/swap", json={"model": str(outside)}, headers=good)
+        assert refused.status_code == 403 and "model roots" in refused.json()["error"]["message"]
+    missing = client.post("/admin/swap", json={"model": str(second_student_dir.parent / "missing")}, headers=good)
     assert missing.status_code == 400 and "expected a pipeline folder" in missing.json()["error"]["message"]
+    assert REGISTRY.get_sample_value("tbcm_swap_failures_total") == failures + 4
     assert client.get("/info").json()["model"]["spec"] != str(second_student_dir)
-    swapped = client.post(swap, json={"model": str(second_student_dir)}, headers=good)
+    swapped = client.post("/admin/swap", json={"model": str(second_student_dir)}, headers=good)
     assert swapped.status_code == 200 and swapped.json()["live"]["path"] == str(second_student_dir)
+    assert REGISTRY.get_sample_value("tbcm_swaps_total") == swaps + 1
+    live = {"model": str(second_student_dir), "manifest_sha256": swapped.json()["live"]["manifest_sha256"]}
+    assert REGISTRY.get_sample_value("tbcm_model_info", live) == 1.0
     response = client.post("/generate", json={"prompt": PROMPT, "seed": 1})
     assert response.headers["x-model"] == str(second_student_dir)
+
+
+def test_a_swap_to_the_same_text_encoder_keeps_the_prompt_cache(make_service, monkeypatch, tiny_student_dir,
+                                                                 tmp_path):
+    import shutil
+
+    from prometheus_client import REGISTRY
+
+    copy = shutil.copytree(tiny_student_dir, tmp_path / "student-copy")
+    client = make_service(model_roots=str(tmp_path))
+    monkeypatch.setenv("TBCM_ADMIN_TOKEN", "secret")
+    prompt = "a large green cross on the right"
+    assert client.post("/generate", json={"prompt": prompt}).status_code == 200
+    swapped = client.post("/admin/swap", json={"model": str(copy)}, headers={"Authorization": "Bearer secret"})
+    assert swapped.status_code == 200
+    hits = REGISTRY.get_sample_value("tbcm_prompt_cache_hits_total")
+    misses = REGISTRY.get_sample_value("tbcm_prompt_cache_misses_total")
+    assert client.post("/generate", json={"prompt": prompt}).headers["x-model"] == str(copy)
+    assert REGISTRY.get_sample_value("tbcm_prompt_cache_hits_total") == hits + 1
+    assert client.post("/generate", json={"prompt": "a small red cross on the left"}).status_code == 200
+    assert REGISTRY.get_sample_value("tbcm_prompt_cache_misses_total") == misses + 1

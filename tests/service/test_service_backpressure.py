@@ -12,6 +12,15 @@ from prometheus_client import REGISTRY
 PROMPT = "a small red circle in the middle"
 
 
+def mock_metrics():
+    import dataclasses
+    from unittest.mock import MagicMock
+
+    from tbcm.service.metrics import Metrics
+
+    return Metrics(**{f.name: MagicMock() for f in dataclasses.fields(Metrics) if not f.name.startswith("_")})
+
+
 def counter(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -132,7 +141,7 @@ def test_a_model_that_cannot_load_is_reported_by_name(make_service, tmp_path):
         time.sleep(0.05)
     assert client.get("/readyz").status_code == 503
     error = client.get("/info").json()["error"]
-    assert str(broken) in error and "no 'transformer' entry" in error
+    assert str(broken) in error and "model_index.json" in error
     response = client.post("/generate", json={"prompt": PROMPT})
     assert response.status_code == 503 and str(broken) in response.json()["error"]["message"]
 
@@ -154,6 +163,9 @@ class SlowerThanEstimatedModel:
 
         self.clock, self.real, self.hold, self.torch = clock, real, threading.Event(), torch
         self.times = type("Times", (), {"estimate": lambda _self, steps, size, images: estimate})()
+
+    def cached_prompts(self, prompts) -> int:
+        return 0
 
     def generate(self, prompts, seeds, steps, size, guidance, delay_s=0.0):
         assert self.hold.wait(timeout=60)
@@ -177,15 +189,12 @@ def answer(job, clock: FakeClock):
 def test_deadline_margin_turns_504s_from_slow_batches_into_503s_before_compute(margin):
     """Batches estimated at 1 s really take 1.5 s. Without a margin both requests below are admitted, computed and
     late (504); with 1.25 the first is refused up front and the second is dropped before compute (503)."""
-    from unittest.mock import MagicMock
-
     from tbcm.service.batcher import Batcher, Job, Rejected
     from tbcm.service.config import ServiceConfig
-    from tbcm.service.metrics import Metrics
 
     clock = FakeClock()
     model = SlowerThanEstimatedModel(clock, estimate=1.0, real=1.5)
-    batcher = Batcher(ServiceConfig(deadline_margin=margin), Metrics(*(MagicMock() for _ in range(5))), clock)
+    batcher = Batcher(ServiceConfig(deadline_margin=margin), mock_metrics(), clock)
 
     def job(timeout: float) -> Job:
         return Job(model, [PROMPT], [0], [4.5], steps=1, size=16, deadline=clock.now + timeout, arrived=clock.now)
@@ -241,15 +250,12 @@ class RecordingModel(SlowerThanEstimatedModel):
 def test_calls_take_whole_microbatches_while_more_than_one_is_waiting(waiting, calls):
     """max_batch 8, microbatch 4: requests of `waiting` images queue behind a running call, then go out as `calls`
     (a call never pads a microbatch while a later request could have filled it)."""
-    from unittest.mock import MagicMock
-
     from tbcm.service.batcher import Batcher, Job
     from tbcm.service.config import ServiceConfig
-    from tbcm.service.metrics import Metrics
 
     clock = FakeClock()
     model = RecordingModel(clock)
-    batcher = Batcher(ServiceConfig(max_batch=8, microbatch=4), Metrics(*(MagicMock() for _ in range(5))), clock)
+    batcher = Batcher(ServiceConfig(max_batch=8, microbatch=4), mock_metrics(), clock)
 
     def job(images: int) -> Job:
         return Job(model, [PROMPT] * images, list(range(images)), [4.5] * images, steps=1, size=16, deadline=1e9)
@@ -268,4 +274,42 @@ def test_calls_take_whole_microbatches_while_more_than_one_is_waiting(waiting, c
         assert model.calls == [1, *calls]
     finally:
         model.hold.set()
+        batcher.close()
+
+
+def test_a_warm_up_runs_call_by_call_with_queued_batches_between_its_calls():
+    """A hot swap's warm-up goes to the generator thread one call at a time (Engine._load), so a request that
+    arrives during a warm-up call waits for that call only, not for the whole warm-up."""
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+
+    clock = FakeClock()
+    model = RecordingModel(clock)
+    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    order, first_call_running, release = [], threading.Event(), threading.Event()
+
+    def warm_up_call(i: int):
+        order.append(f"warm-up {i}")
+        if i == 0:
+            first_call_running.set()
+            assert release.wait(timeout=60)
+
+    def warm_up() -> None:  # what Engine._load does with warm_up_calls(model)
+        for i in range(3):
+            batcher.call(lambda i=i: warm_up_call(i)).result(timeout=60)
+
+    model.hold.set()
+    swapping = threading.Thread(target=warm_up)
+    try:
+        swapping.start()
+        assert first_call_running.wait(timeout=60)
+        job = Job(model, [PROMPT], [0], [4.5], steps=1, size=16, deadline=1e9)
+        job.future.add_done_callback(lambda _: order.append("request"))
+        batcher.submit(job)
+        release.set()
+        swapping.join(timeout=60)
+        assert answer(job, clock)[0] == 200
+        assert order == ["warm-up 0", "request", "warm-up 1", "warm-up 2"]
+    finally:
+        release.set()
         batcher.close()

