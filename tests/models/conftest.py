@@ -1,31 +1,12 @@
-"""Fixtures of the models/ tests: loaded tiny pipelines and an exact (analytic) flow-matching model."""
+"""Fixtures of the models/ tests: one thread each, and an exact (analytic) flow-matching model."""
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    """One intra-op thread: the tiny models are latency-bound, and on a loaded 2-core machine two threads make
-    each matmul wait for the busy core (measured 3-30x slower). A module may override this fixture to test with
-    the session's thread count (the generator's batch-invariance tests do)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def teacher_pipe(tiny_teacher_dir):
-    from tbcm.models.pipeline import load_pipeline
-
-    return load_pipeline(tiny_teacher_dir)
-
-
-@pytest.fixture(scope="session")
-def student_pipe(tiny_student_dir):
-    from tbcm.models.pipeline import load_pipeline
-
-    return load_pipeline(tiny_student_dir)
+def _threads(one_thread):
+    """One intra-op thread (tests/conftest.py); a module may override this fixture to test with the session's
+    thread count (the generator's batch-invariance tests do)."""
 
 
 def exact_flow_model(x0: torch.Tensor):
