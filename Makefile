@@ -78,24 +78,22 @@ STUDENT_TEACHER ?= weights/teacher# the teacher `make student` and `make equal-t
 STUDENT_SOURCE = --teacher $(STUDENT_TEACHER) --prompts world --seed $(SEED)
 BANK_SHARDS ?= 8# rollout shards of 256 prompts in the bank; 4 for budgets near 20 minutes (docs/results.md, Table 2)
 STUDENT_BANK_OPTS = $(STUDENT_SOURCE) --shards $(BANK_SHARDS) --prompts-per-shard 256 --batch-size 32
-STUDENT_SCHEDULE_OPTS = $(STUDENT_SOURCE) --steps 1400 --no-learn-logvar --prior-weight uniform --cosine-decay
-STUDENT_TBCM_OPTS = --pairs trajectory --points-per-trajectory 2 --renoised-per-trajectory 2 \
-	--dmd-weight 0.1 --dmd-fake-updates 4 --dmd-shift 1
+STUDENT_RECIPE ?= tbcm+synthetic+dmd# the shipped recipe (tbcm/distill/recipes.py): TBCM pairs + re-noised endpoints + DMD
 BUDGET ?= 3600# seconds of wall clock for each method in `make equal-time`
 EQUAL_TIME_RUNS ?= runs/equal-time# where `make equal-time` keeps both runs and their evaluations
 
-# Re-make the shipped one-step student from the shipped teacher (TBCM, image-free), with its eval in the manifest:
-# a bank of BANK_SHARDS x 256 teacher rollouts (2048 by default), then 1400 steps on it with DMD's regulariser on
-# the one-step samples, exported as trained (the EMA weights; no model extrapolation).
+# Re-make the shipped one-step student from the shipped teacher (image-free), with its eval in the manifest: a bank
+# of BANK_SHARDS x 256 teacher rollouts (2048 by default), then 1400 steps of STUDENT_RECIPE on it, exported as
+# trained (the EMA weights; no model extrapolation).
 student: install
 	$(BIN)/tbcm rollout $(STUDENT_BANK_OPTS) --out $(STUDENT_RUNS)/bank
-	$(BIN)/tbcm distill $(STUDENT_SCHEDULE_OPTS) $(STUDENT_TBCM_OPTS) --rollouts $(STUDENT_RUNS)/bank \
+	$(BIN)/tbcm distill --recipe $(STUDENT_RECIPE) $(STUDENT_SOURCE) --rollouts $(STUDENT_RUNS)/bank \
 		--out $(STUDENT_RUNS) --export $(STUDENT_WEIGHTS) --export-eval-n 512
 
 # Table 2: that recipe against data-sCM, BUDGET seconds of wall clock each, side by side (benchmarks/equal_time.sh).
 equal-time: install
-	STUDENT_BANK_OPTS="$(STUDENT_BANK_OPTS)" STUDENT_SCHEDULE_OPTS="$(STUDENT_SCHEDULE_OPTS)" \
-		STUDENT_TBCM_OPTS="$(STUDENT_TBCM_OPTS)" bash benchmarks/equal_time.sh $(BUDGET) $(EQUAL_TIME_RUNS)
+	STUDENT_BANK_OPTS="$(STUDENT_BANK_OPTS)" STUDENT_SOURCE="$(STUDENT_SOURCE)" STUDENT_RECIPE="$(STUDENT_RECIPE)" \
+		bash benchmarks/equal_time.sh $(BUDGET) $(EQUAL_TIME_RUNS)
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh

@@ -25,9 +25,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tbcm.distill.config import DistillConfig
 
-from tbcm.distill.config import DistillConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MANY_STEPS = 10**6  # the time budget, not the step count, ends every arm
 

@@ -30,6 +30,7 @@ def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
     from transformers import BertConfig, BertModel
 
     from tbcm.models.pipeline import Pipeline, default_scheduler, save_pipeline
+    from tbcm.models.sampling import DENSE_TIMESTEP_SCALE
     from tbcm.models.text import TextEncoder
     from tests.tiny import tiny_text_encoder
 
@@ -39,7 +40,8 @@ def sana600m_teacher(folder: Path, layers: int, resolution: int) -> Path:
     transformer = SanaTransformer2DModel(
         in_channels=32, out_channels=32, num_attention_heads=36, attention_head_dim=32, num_layers=layers,
         num_cross_attention_heads=16, cross_attention_head_dim=72, cross_attention_dim=1152, caption_channels=2304,
-        mlp_ratio=2.5, sample_size=resolution // 32, patch_size=1, qk_norm="rms_norm_across_heads")
+        mlp_ratio=2.5, sample_size=resolution // 32, patch_size=1, qk_norm="rms_norm_across_heads",
+        timestep_scale=DENSE_TIMESTEP_SCALE)  # dense time, as Sprint students need (Sana-Sprint Sec. 3.2)
     vae = AutoencoderDC(latent_channels=32, scaling_factor=0.41407)  # diffusers' defaults are DC-AE f32c32
     pipe = Pipeline(transformer, vae, TextEncoder(tokenizer, encoder, 300), default_scheduler(False, 3.0))
     return save_pipeline(pipe, folder, {"image_size": resolution})

@@ -1,5 +1,6 @@
 """Quality on the shapes world: teacher at several step counts (CFG) and students at 1, 2 and 4 steps, on
-training and held-out attribute combinations: FD, all-attribute accuracy, NFE, images/s on this machine.
+training and held-out attribute combinations: FD, improved precision and recall (diversity: a student's recall
+against the teacher's), all-attribute accuracy, NFE, images/s on this machine.
 
     python benchmarks/bench_quality.py --n 512 --json runs/bench/quality.json \
         --model teacher:4,8,16 --model student:1,2,4 --model runs/scm-data/export:1,2,4
@@ -17,6 +18,8 @@ import torch
 
 from tbcm.world.evaluate import EvalConfig, evaluate  # noqa: E402
 
+METRICS = ("fd", "precision", "recall", "accuracy", "nfe", "images_per_s")  # per row; "real" rows have no images/s
+
 
 def parse_model(spec: str) -> tuple[str, list[int]]:
     name, _, steps = spec.rpartition(":")
@@ -24,11 +27,12 @@ def parse_model(spec: str) -> tuple[str, list[int]]:
 
 
 def markdown_table(rows: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "", "| model | steps | split | FD | accuracy | NFE | images/s |", "|---|---|---|---|---|---|---|"]
+    lines = [f"`{command}`", "", "| model | steps | split | FD | precision | recall | accuracy | NFE | images/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        lines.append(f"| {r['model']} | {r.get('steps', 0)} | {r['split']} | {r['fd']:.3f} | {r['accuracy']:.3f} | "
-                     f"{r['nfe']} | {ips} |")
+        lines.append(f"| {r['model']} | {r.get('steps', 0)} | {r['split']} | {r['fd']:.3f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['accuracy']:.3f} | {r['nfe']} | {ips} |")
     return "\n".join(lines) + "\n"
 
 
@@ -41,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [{"model": "real", "split": split, **{k: v for k, v in evaluate(EvalConfig(model="real", prompts=split,
                                                                                       n=args.n)).items()
-                                                 if k in ("fd", "accuracy", "nfe")}}
+                                                 if k in METRICS[:-1]}}
             for split in args.splits.split(",")]
     for spec in args.model:
         name, step_list = parse_model(spec)
@@ -49,14 +53,14 @@ def main() -> None:
             for split in args.splits.split(","):
                 result = evaluate(EvalConfig(model=name, steps=steps, prompts=split, n=args.n))
                 rows.append({"model": name, "steps": steps, "split": split,
-                             **{k: result[k] for k in ("fd", "accuracy", "nfe", "images_per_s")}})
+                             **{k: result[k] for k in METRICS}})
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"\nQuality on the shapes world (n = {args.n} per row) — {machine}")
-    print(f"{'model':<28}{'steps':>6}{'split':>9}{'FD':>9}{'acc':>8}{'NFE':>5}{'img/s':>9}")
+    print(f"{'model':<28}{'steps':>6}{'split':>9}{'FD':>9}{'prec':>7}{'recall':>7}{'acc':>8}{'NFE':>5}{'img/s':>9}")
     for r in rows:
         ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        print(f"{r['model']:<28}{r.get('steps', 0):>6}{r['split']:>9}{r['fd']:>9.3f}{r['accuracy']:>8.3f}"
-              f"{r['nfe']:>5}{ips:>9}")
+        print(f"{r['model']:<28}{r.get('steps', 0):>6}{r['split']:>9}{r['fd']:>9.3f}{r['precision']:>7.3f}"
+              f"{r['recall']:>7.3f}{r['accuracy']:>8.3f}{r['nfe']:>5}{ips:>9}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "n": args.n, "rows": rows, "command": " ".join(sys.argv)},

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-
-from tbcm.models import generator  # noqa: E402
-from tbcm.world import world  # noqa: E402
-from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate  # noqa: E402
-from tbcm.world.evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of  # noqa: E402
-from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline  # noqa: E402
-from tbcm.models.trigflow import SIGMA_DATA, consistency_x0, renoise, trig_time, trigflow_from_flow  # noqa: E402
+from tbcm.models import generator
+from tbcm.world import world
+from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate
+from tbcm.world.evaluator import Evaluator, attribute_accuracy, frechet_distance, measure, targets_of
+from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline
+from tbcm.models.trigflow import SIGMA_DATA, consistency_x0, renoise, trig_time, trigflow_from_flow
 
 
 def stochastic_sampler(keep: float, seed: int):
@@ -95,14 +94,14 @@ def main() -> None:
             raise SystemExit(f"--keep: each fraction must be in [0, 1], got {keep}")
         generator.sample_trigflow = deterministic if keep == 1 else stochastic_sampler(keep, args.seed)
         rows.append({"images": f"{args.model}, c = {keep}", "keep": keep,
-                     **measured(model=args.model, steps=args.steps)})
+                     **measured(model=args.model, steps=args.steps, sampler="trigflow")})
     generator.sample_trigflow = deterministic
     for limit in (float(g) for g in filter(None, args.guidance_max_sigma.split(","))):
         if not 0 < limit < 1:
             raise SystemExit(f"--guidance-max-sigma: each limit must be in (0, 1), got {limit}")
         generator.cfg_flow_model = functools.partial(guided_everywhere, guidance_max_sigma=limit)
         rows.append({"images": f"{args.model}, CFG at sigma <= {limit}", "guidance_max_sigma": limit,
-                     **measured(model=args.model, steps=args.steps)})
+                     **measured(model=args.model, steps=args.steps, sampler="trigflow")})
     generator.cfg_flow_model = guided_everywhere
     print(f"\n{args.prompts}, n = {args.n}, seed {args.seed}")
     for row in rows:

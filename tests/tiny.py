@@ -17,7 +17,7 @@ def tiny_transformer(student: bool) -> SanaTransformer2DModel:
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
         mlp_ratio=2.5, sample_size=4, patch_size=1, interpolation_scale=1.0, qk_norm="rms_norm_across_heads",
-        guidance_embeds=student)
+        guidance_embeds=student, timestep_scale=0.001)  # dense time: the transformer embeds flow time in [0, 1]
 
 
 def tiny_vae() -> AutoencoderDC:

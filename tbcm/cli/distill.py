@@ -2,6 +2,8 @@
 the embedded shapes world for `--prompts world`, or a prompt file alone (a real teacher's prompts)."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 from tbcm.cli.options import add_config_options, config_from_args, override_config
@@ -17,6 +19,7 @@ WORLD = "world"  # the --prompts value that names the embedded world
 def register(sub) -> None:
     p = sub.add_parser("distill", help="distil a teacher into a one-step student (TBCM, or --pairs data)")
     add_config_options(p, DistillConfig)
+    unset_defaults(p)
     p.add_argument("--resume", action="store_true", help="continue exactly from the run folder's checkpoint")
     p.add_argument("--export", default=None, help="after training, export the student to this folder")
     p.add_argument("--export-eval-n", type=int, default=0,
@@ -25,6 +28,7 @@ def register(sub) -> None:
 
     r = sub.add_parser("rollout", help="precompute teacher trajectories into sharded safetensors files")
     add_config_options(r, DistillConfig, skip=("out",))
+    unset_defaults(r)
     add_config_options(r, RolloutConfig)
     r.add_argument("--out", required=True, help="folder for rollouts-*.safetensors")
     r.set_defaults(handler=rollout)
@@ -37,6 +41,21 @@ def register(sub) -> None:
                    help="copy the text encoder in (otherwise shipped-world folders name its package)")
     add_config_options(e, DistillConfig, overrides=EXPORT_OVERRIDES)
     e.set_defaults(handler=export)
+
+
+def unset_defaults(parser) -> None:
+    """Leave each DistillConfig option out of the parsed args unless given, so that `distill_config` can put what
+    was given over the --recipe's values (the help still shows the config's own defaults)."""
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    for action in parser._actions:
+        if action.dest in fields:
+            action.default = argparse.SUPPRESS
+
+
+def distill_config(args) -> DistillConfig:
+    """The --recipe's config with every option given on the command line over it."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig) if hasattr(args, f.name)}
+    return DistillConfig.from_recipe(**given)
 
 
 def sources(config: DistillConfig) -> Sources:
@@ -56,7 +75,7 @@ def world_evaluator() -> Evaluator:
 def distill(args) -> None:
     from tbcm.distill.trainer import Distiller  # accelerate: the `train` extra
 
-    config = config_from_args(DistillConfig, args)
+    config = distill_config(args)
     run = sources(config)
     distiller = Distiller(config, run, resume=args.resume)
     distiller.train()
@@ -69,7 +88,7 @@ def distill(args) -> None:
 def rollout(args) -> None:
     from tbcm.distill.rollout import write_rollouts  # accelerate: the `train` extra
 
-    config = config_from_args(DistillConfig, args)
+    config = distill_config(args)
     paths = write_rollouts(config, config_from_args(RolloutConfig, args), sources(config).prompts, Path(args.out))
     print(f"wrote {len(paths)} shard(s) to {args.out}")
 

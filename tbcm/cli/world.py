@@ -8,7 +8,7 @@ from diffusers import AutoencoderDC
 from PIL import Image
 
 from tbcm.cli.options import add_config_options, config_from_args
-from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
+from tbcm.models.generator import DEFAULT_GUIDANCE, TEACHER_SAMPLERS, Generator
 from tbcm.models.pipeline import embedded_text_encoder, load_pipeline
 from tbcm.models.training import save_grid
 from tbcm.world import evaluate as world_eval
@@ -47,10 +47,14 @@ def register(sub) -> None:
     gen.add_argument("--n", type=int, default=1, help="images to generate")
     gen.add_argument("--guidance", type=float, default=None, help="CFG / embedded guidance scale (default 4.5)")
     gen.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    gen.add_argument("--sampler", choices=TEACHER_SAMPLERS, default="scheduler",
+                     help="a teacher's sampler: its folder's scheduler (what SanaPipeline runs), flow-Euler, or the "
+                     "TBCM TrigFlow route (students always sample with their SCMScheduler)")
     gen.add_argument("--out", required=True, help="PNG path (with --n > 1, a grid)")
     gen.set_defaults(handler=generate)
 
-    ev = sub.add_parser("eval", help="FD, attribute accuracy, NFE and images/s of a model (or 'real')")
+    ev = sub.add_parser("eval", help="FD, precision/recall, attribute accuracy, NFE and images/s of a model "
+                        "(or 'real')")
     add_config_options(ev, EvalConfig)
     ev.set_defaults(handler=evaluate)
 
@@ -76,7 +80,7 @@ def ship_world(args) -> None:
 
 
 def generate(args) -> None:
-    generator = Generator(load_pipeline(args.model))
+    generator = Generator(load_pipeline(args.model), sampler=args.sampler)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     out = generator.generate([args.prompt] * args.n, [args.seed + i for i in range(args.n)], args.steps, guidance,
                              args.size)
@@ -89,6 +93,13 @@ def generate(args) -> None:
     print(f"wrote {args.out} ({args.n} image(s), steps {args.steps or generator.default_steps}; {timing})")
 
 
+EVAL_TABLE = (("FD", "fd", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+              ("accuracy", "accuracy", ".3f"), ("NFE", "nfe", "d"), ("images/s", "images_per_s", ".1f"))
+
+
 def evaluate(args) -> None:
     result = world_eval.evaluate(config_from_args(EvalConfig, args))
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    print(f"\n{result['model']} on {result['prompts']} prompts, n = {result['n']}:")
+    print("".join(f"{name:>11}" for name, _, _ in EVAL_TABLE))
+    print("".join(f"{'-' if result[key] is None else format(result[key], spec):>11}" for _, key, spec in EVAL_TABLE))

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from tbcm.models.training import TrainConfig
 
+from tbcm.distill.recipes import recipe_overrides
+
 
 @dataclass
 class DistillConfig(TrainConfig):
@@ -15,6 +17,9 @@ class DistillConfig(TrainConfig):
     warmup_steps: int = 20
     grad_clip: float = 0.1
     checkpoint_every: int = 50
+    recipe: str = ""                      # the named preset the run starts from (tbcm/distill/recipes.py: tbcm,
+                                          #   tbcm+synthetic, tbcm+synthetic+dmd, synthetic-scm, data-scm,
+                                          #   data-scm+dmd); options given beside it override its values; "": none
     teacher: str = "teacher"              # teacher pipeline folder or shipped name
     prompts: str = "world"                # prompt file (one per line; no images, no evaluator), or "world": the
                                           #   embedded world's captions, renders and evaluator (tbcm/cli/distill.py)
@@ -26,13 +31,15 @@ class DistillConfig(TrainConfig):
                                           #   budget: position = steps x time spent / time_budget_s
     prompts_per_step: int = 8             # prompts per step per rank (TBCM) / images are prompts x points (data)
     route_points: int = 16                # K, points of the reference route (teacher NFE = 2K per prompt)
-    points_per_trajectory: int = 15       # trajectory states trained on per prompt, 1..K-1
+    points_per_trajectory: int = 15       # trajectory states trained on per prompt, 0..K-1 (0: re-noised endpoints
+                                          #   only); with --pairs data, images per prompt
     renoised_per_trajectory: int = 0      # extra pairs per prompt off the trajectory: its endpoint re-noised at a
                                           #   log-normal t, with a fresh teacher CFG velocity (1 CFG call each)
     endpoint_weight: float = 0.0          # L += this x ||f(z, pi/2) - x0'||^2 / sigma_d^2: each rollout's start noise
                                           #   mapped in one step onto its own endpoint (TBCM pairs only; 0: off)
     dmd_weight: float = 0.0               # L += this x DMD's reverse-divergence term on the one-step samples, with a
-                                          #   fake denoiser trained on them alongside (rCM; TBCM pairs only; 0: off)
+                                          #   fake denoiser trained on them alongside (rCM; 0: off): from each
+                                          #   rollout's start noise, or with --pairs data fresh noise per prompt
     dmd_fake_lr: float = 1e-4             # AdamW learning rate of the fake denoiser (constant)
     dmd_fake_updates: int = 1             # fake-denoiser steps per student step (DMD2 uses 5, rCM 4)
     dmd_shift: float = 5.0                # the term's noise times: flow time U(0, 1) shifted by this (rCM: 5)
@@ -82,10 +89,17 @@ class DistillConfig(TrainConfig):
         if self.renoised_per_trajectory < 0 or (self.renoised_per_trajectory and self.pairs == "data"):
             raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
                              f"trajectory endpoints), got {self.renoised_per_trajectory}")
-        for knob in ("endpoint_weight", "dmd_weight"):  # both act on the one-step samples of the rollouts' noise
-            if getattr(self, knob) < 0 or (getattr(self, knob) and self.pairs == "data"):
-                raise ValueError(f"--{knob.replace('_', '-')} must be >= 0, and 0 with --pairs data (it needs each "
-                                 f"rollout's start noise), got {getattr(self, knob)}")
+        recipe_overrides(self.recipe)  # an unknown --recipe is named
+        if self.dmd_weight < 0:
+            raise ValueError(f"--dmd-weight must be >= 0, got {self.dmd_weight}")
+        if self.endpoint_weight < 0 or (self.endpoint_weight and self.pairs == "data"):
+            raise ValueError("--endpoint-weight must be >= 0, and 0 with --pairs data (it needs each rollout's start "
+                             f"noise and endpoint), got {self.endpoint_weight}")
+        if self.points_per_trajectory < (0 if self.pairs == "trajectory" and self.renoised_per_trajectory else 1):
+            raise ValueError("--points-per-trajectory must be >= 1 (with --pairs data: images per prompt), or 0 with "
+                             f"--renoised-per-trajectory (re-noised endpoints only), got {self.points_per_trajectory}")
+        if self.ladd and self.points_per_trajectory < 1:  # its generator branch takes one pair per prompt
+            raise ValueError("--ladd needs --points-per-trajectory >= 1")
         if self.fit_schedule_to_budget and self.time_budget_s <= 0:
             raise ValueError("--fit-schedule-to-budget runs the schedule over the time budget: give --time-budget-s "
                              f"> 0, got {self.time_budget_s}")
@@ -97,6 +111,12 @@ class DistillConfig(TrainConfig):
         if not 0 < self.guidance_max_sigma <= 1:
             raise ValueError(f"--guidance-max-sigma is a flow sigma in (0, 1] (1: CFG at every step), "
                              f"got {self.guidance_max_sigma}")
+
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "", **explicit) -> "DistillConfig":
+        """The config of recipe `recipe` ("": the defaults) with the `explicit` values over it, the name recorded."""
+        return cls(**(recipe_overrides(recipe) | {"recipe": recipe} | explicit))
 
 
 @dataclass

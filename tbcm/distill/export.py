@@ -2,7 +2,8 @@
 
 The folder holds the student transformer (guidance embedding on, log-variance head dropped), an `SCMScheduler`,
 the teacher's VAE, text encoder and tokenizer, and a manifest in tbcm.json: the teacher it came from (path and
-SHA-256 of its transformer weights), the method, the full config, and the evaluator's numbers when asked for and
+SHA-256 of its transformer weights), the method (its recipe, tbcm/distill/recipes.py) with any of the recipe's
+method knobs the run changed, the full config, and the evaluator's numbers when asked for and
 an evaluator was given (otherwise the manifest says that no evaluation was run).
 """
 from __future__ import annotations
@@ -14,9 +15,11 @@ from tbcm.models.pipeline import Pipeline, load_pipeline, save_pipeline
 from tbcm.models.training import CHECKPOINT, read_safetensors, saved_config
 
 from tbcm.distill.config import DistillConfig
+from tbcm.distill.recipes import method_of, recipe_changes
 from tbcm.distill.sources import Evaluator
 from tbcm.distill.student import extrapolate_from_teacher, student_from_teacher, student_pipeline
 from tbcm.distill.teacher import teacher_fingerprint
+
 
 def eval_status(evaluator: Evaluator | None, eval_n: int) -> str:
     """What the manifest says of its "eval" numbers: measured, or why there are none."""
@@ -34,7 +37,7 @@ def export_student(student: Pipeline, teacher: Pipeline, config: DistillConfig, 
     if config.export_extrapolation != 1:
         student = dataclasses.replace(student, transformer=extrapolate_from_teacher(
             student.transformer, teacher.transformer, config.export_extrapolation))
-    manifest = {"kind": "student", "method": "tbcm" if config.pairs == "trajectory" else "scm-data",
+    manifest = {"kind": "student", "method": method_of(config), "recipe_changes": recipe_changes(config),
                 "teacher": teacher_fingerprint(teacher), "step": step, "counters": counters,
                 "config": dataclasses.asdict(config), "eval": {}, "eval_status": eval_status(evaluator, eval_n)}
     if evaluator is not None and eval_n:

@@ -78,28 +78,35 @@ def rollout(teacher: Pipeline, states, mask, null_states, null_mask, config: Dis
     return Rollout(torch.stack(xs, 1), torch.stack(vs, 1), times, x0 * SIGMA_DATA, guidance)
 
 
-def pairs_from_rollout(roll: Rollout, states, mask, config: DistillConfig) -> tuple[Pairs, int]:
-    """Keep `points_per_trajectory` of the K-1 non-noise states per prompt (a random subset each time).
-    Returns the pairs and how many prompts the degenerate filter dropped."""
+def pairs_from_rollout(roll: Rollout, states, mask, weight, config: DistillConfig) -> Pairs:
+    """Keep `points_per_trajectory` of the K-1 non-noise states per prompt (a random subset each time), each with
+    its prompt's degenerate-filter weight."""
     n, k = roll.times.shape
     p = config.points_per_trajectory
-    if not 1 <= p <= k - 1:
-        raise ValueError(f"points_per_trajectory must be in 1..{k - 1}, got {p}")
     chosen = torch.stack([torch.randperm(k - 1)[:p] + 1 for _ in range(n)])  # (n, p), skipping k = 0 (noise)
     rows = torch.arange(n).unsqueeze(1).expand(-1, p)
-    weight = degenerate_weight(roll.endpoints, config.degenerate_std)
-    pairs = Pairs(x_t=roll.states[rows, chosen].flatten(0, 1), t=roll.times[rows, chosen].flatten(),
-                  velocity=roll.velocities[rows, chosen].flatten(0, 1),
-                  states=states.repeat_interleave(p, 0), mask=mask.repeat_interleave(p, 0),
-                  guidance=roll.guidance.repeat_interleave(p), weight=weight.repeat_interleave(p),
-                  x0=roll.endpoints.repeat_interleave(p, 0))
-    return pairs, int((weight == 0).sum())
+    return Pairs(x_t=roll.states[rows, chosen].flatten(0, 1), t=roll.times[rows, chosen].flatten(),
+                 velocity=roll.velocities[rows, chosen].flatten(0, 1),
+                 states=states.repeat_interleave(p, 0), mask=mask.repeat_interleave(p, 0),
+                 guidance=roll.guidance.repeat_interleave(p), weight=weight.repeat_interleave(p),
+                 x0=roll.endpoints.repeat_interleave(p, 0))
 
 
 def start_pairs(roll: Rollout, states, mask, weight) -> Pairs:
     """Each rollout's first state, its start noise at t = pi/2, paired with its own endpoint (`--endpoint-weight`)."""
     return Pairs(roll.states[:, 0], roll.times[:, 0], roll.velocities[:, 0], states, mask, roll.guidance, weight,
                  roll.endpoints)
+
+
+def noise_starts(pairs: Pairs, per_prompt: int) -> Pairs:
+    """For data pairs, which have no rollout: fresh noise z ~ N(0, sigma_d^2) at pi/2 for the first pair of each
+    prompt (its caption and CFG scale), drawn from torch's generator on the pairs' device, which checkpoints carry.
+    DMD's one-step samples start there; z has no known velocity or endpoint, so those are NaN (nothing reads them)."""
+    first = slice(None, None, per_prompt)
+    x_t = SIGMA_DATA * torch.randn_like(pairs.x_t[first])
+    unknown = torch.full_like(x_t, float("nan"))
+    return Pairs(x_t, torch.full_like(pairs.t[first], T_MAX), unknown, pairs.states[first], pairs.mask[first],
+                 pairs.guidance[first], torch.ones_like(pairs.weight[first]), unknown)
 
 
 @torch.no_grad()
@@ -135,7 +142,7 @@ def renoised_endpoint_pairs(teacher: Pipeline, roll: Rollout, weight, states, ma
                         config)
 
 
-def concat_pairs(a: Pairs, b: Pairs) -> Pairs:
-    """One batch of a's pairs followed by b's."""
-    return Pairs(*(torch.cat([getattr(a, f.name), getattr(b, f.name)]) for f in dataclasses.fields(Pairs)))
+def concat_pairs(*parts: Pairs) -> Pairs:
+    """One batch of the parts' pairs, in order."""
+    return Pairs(*(torch.cat([getattr(part, f.name) for part in parts]) for f in dataclasses.fields(Pairs)))
 

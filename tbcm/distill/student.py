@@ -8,13 +8,14 @@ time(+guidance) embedding, as Sana's `logvar_linear` does, and is dropped at exp
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from diffusers import SanaTransformer2DModel, SCMScheduler
 from torch import nn
 
 from tbcm.models.pipeline import Pipeline
-from tbcm.models.sampling import flow_model
+from tbcm.models.sampling import DENSE_TIMESTEP_SCALE, flow_model, timestep_input_scale
 from tbcm.models.trigflow import SIGMA_DATA, trigflow_from_flow
 
 from tbcm.distill.config import DistillConfig
@@ -34,6 +35,13 @@ def student_from_teacher(teacher: SanaTransformer2DModel,
     the new branch zero at init."""
     if teacher.config.guidance_embeds:
         raise ValueError("the teacher already has a guidance embedding; distil from a CFG teacher")
+    if timestep_input_scale(teacher) != 1.0:
+        # SanaSprintPipeline feeds the student flow time s in [0, 1]; this teacher embeds 1000 s x timestep_scale,
+        # so the student would not start as the teacher (Sana-Sprint Sec. 3.2 first fine-tunes it to dense time)
+        warnings.warn(f"the teacher's timestep_scale is {teacher.config.timestep_scale}, so it embeds "
+                      f"{timestep_input_scale(teacher):g} x flow time where its Sprint student embeds flow time "
+                      f"itself: the student does not start as the teacher; a teacher fine-tuned to "
+                      f"timestep_scale {DENSE_TIMESTEP_SCALE} (dense time, Sana-Sprint Sec. 3.2) does", stacklevel=2)
     student = SanaTransformer2DModel.from_config({**teacher.config, "guidance_embeds": True,
                                                   "guidance_embeds_scale": guidance_scale})
     missing, unexpected = student.load_state_dict(teacher_weights_by_student_name(teacher), strict=False)

@@ -27,8 +27,8 @@ from tbcm.distill.config import DistillConfig
 from tbcm.distill.dmd import dmd_loss, fake_denoiser, fake_denoiser_loss
 from tbcm.distill.ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
 from tbcm.distill.loss import endpoint_loss, one_step, prior_weight, scm_loss, tangent_r
-from tbcm.distill.pairs import concat_pairs, data_pairs, pairs_from_rollout, renoised_endpoint_pairs, rollout, \
-    start_pairs
+from tbcm.distill.pairs import concat_pairs, data_pairs, degenerate_weight, noise_starts, pairs_from_rollout, \
+    renoised_endpoint_pairs, rollout, start_pairs
 from tbcm.distill.rollout import RolloutShards
 from tbcm.distill.sources import Sources
 from tbcm.distill.student import Student, freeze, student_from_teacher, student_pipeline
@@ -38,6 +38,9 @@ from tbcm.distill.teacher import load_teacher, teacher_fingerprint
 class Distiller(TrainingRun):
     def __init__(self, config: DistillConfig, sources: Sources, resume: bool = False):
         prior_weight(torch.ones(1), config.prior_weight)  # a wrong --prior-weight is named before any rollout
+        if config.pairs == "trajectory" and config.points_per_trajectory > config.route_points - 1:
+            raise ValueError(f"--points-per-trajectory must be at most K-1 = {config.route_points - 1} "
+                             f"(--route-points {config.route_points}), got {config.points_per_trajectory}")
         if config.pairs == "data" and sources.images is None:
             raise ValueError(f"--pairs data needs captioned images, and --prompts {config.prompts} gives prompts "
                              "only; use --pairs trajectory (image-free)")
@@ -82,7 +85,7 @@ class Distiller(TrainingRun):
         self.total = None if config.fit_schedule_to_budget else config.steps  # fitted: the budget ends the run
         self.counters = {"skipped_steps": 0, "degenerate_prompts": 0, "pairs": 0, "train_time_s": 0.0}
         self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
-        resumed = self.start(resume, free=(*RESUME_MAY_CHANGE, "export_extrapolation"))
+        resumed = self.start(resume, free=(*RESUME_MAY_CHANGE, "export_extrapolation", "recipe"))
         self.counters = resumed.get("counters", self.counters)
         self.evaluates = bool(config.eval_every) and sources.evaluator is not None and self.main
 
@@ -98,13 +101,14 @@ class Distiller(TrainingRun):
         return states.to(self.accelerator.device), mask.to(self.accelerator.device), *self._null(len(prompts))
 
     def make_pairs(self):
-        """One step's pairs, the number of prompts the degenerate filter dropped, and the rollouts' start pairs
-        (noise at pi/2 with its endpoint; None for data pairs)."""
+        """One step's pairs, the number of prompts the degenerate filter dropped, and one start pair per prompt
+        (noise at pi/2: the rollout's, with its endpoint; for data pairs fresh noise, `noise_starts`)."""
         config = self.config
         if config.pairs == "data":
             captions, images = self.sources.images.sample(config.prompts_per_step * config.points_per_trajectory,
                                                           self.teacher.default_size)
-            return data_pairs(self.teacher, images, *self._conditioning(captions), config), 0, None
+            pairs = data_pairs(self.teacher, images, *self._conditioning(captions), config)
+            return pairs, 0, noise_starts(pairs, config.points_per_trajectory)
         if self.shards is not None:
             roll, prompts = self.shards.sample(config.prompts_per_step)
             cond = self._conditioning(prompts)
@@ -112,11 +116,11 @@ class Distiller(TrainingRun):
             prompts = [random.choice(self.sources.prompts) for _ in range(config.prompts_per_step)]
             cond = self._conditioning(prompts)
             roll = rollout(self.teacher, *cond, config)
-        pairs, dropped = pairs_from_rollout(roll, *cond[:2], config)
-        prompt_weight = pairs.weight[::config.points_per_trajectory]
+        weight = degenerate_weight(roll.endpoints, config.degenerate_std)  # per prompt
+        parts = [pairs_from_rollout(roll, *cond[:2], weight, config)] if config.points_per_trajectory else []
         if config.renoised_per_trajectory:
-            pairs = concat_pairs(pairs, renoised_endpoint_pairs(self.teacher, roll, prompt_weight, *cond, config))
-        return pairs, dropped, start_pairs(roll, *cond[:2], prompt_weight)
+            parts.append(renoised_endpoint_pairs(self.teacher, roll, weight, *cond, config))
+        return concat_pairs(*parts), int((weight == 0).sum()), start_pairs(roll, *cond[:2], weight)
 
     def train_step(self) -> dict:
         config = self.config

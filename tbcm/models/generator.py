@@ -1,8 +1,10 @@
 """The generator: prompts and seeds -> images, for any pipeline folder, timed per stage.
 
-Students (guidance embedded, Sana-Sprint layout) run the consistency sampler at 1-4 steps in one forward pass per
-step; teachers run the flow sampler with classifier-free guidance. Each image depends only on its own seed,
-prompt, steps, guidance and size, never on the batch around it.
+Students (guidance embedded, Sana-Sprint layout) run the consistency sampler (SCMScheduler semantics) at 1-4 steps
+in one forward pass per step; teachers run, with classifier-free guidance, the scheduler their folder ships (as
+diffusers' SanaPipeline does), or by choice flow-Euler or TBCM's TrigFlow route. Latents stay float32 and the
+transformer runs in its own dtype, as in diffusers. Each image depends only on its own seed, prompt, steps,
+guidance and size, never on the batch around it.
 """
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from tbcm.kernels.cuda_graphs import CudaGraphRunner, batch_chunks, pad_batch
 
 from tbcm.models.acceleration import maybe_install_kernels
 from tbcm.models.pipeline import Pipeline
-from tbcm.models.sampling import cfg_flow_model, cm_times, flow_model, sample_consistency, sample_trigflow, seeded_noise, \
-    teacher_sigmas, to_uint8
+from tbcm.models.sampling import cfg_flow_model, cm_times, flow_model, sample_consistency, sample_flow_euler, \
+    sample_scheduler, sample_trigflow, seeded_noise, teacher_sigmas, to_uint8
 
 DEFAULT_GUIDANCE = 4.5  # Sana-Sprint's default embedded guidance and the middle of TBCM's {4, 4.5, 5}
 STUDENT_MAX_STEPS = 4
 TEACHER_DEFAULT_STEPS = 16
+# Teacher samplers: the folder's own diffusers scheduler, flow-Euler on the shifted sigmas, TBCM's TrigFlow route.
+TEACHER_SAMPLERS = ("scheduler", "euler", "trigflow")
 
 
 @dataclass
@@ -37,10 +41,15 @@ class Generator:
     `use_kernels` (default: on with CUDA)."""
 
     def __init__(self, pipe: Pipeline, microbatch: int = 4, use_kernels: bool | None = None,
-                 intermediate_times: tuple[float, ...] = ()):
+                 intermediate_times: tuple[float, ...] = (), sampler: str = "scheduler"):
+        if sampler not in TEACHER_SAMPLERS:
+            raise ValueError(f"sampler must be one of {TEACHER_SAMPLERS}, got {sampler!r}")
+        if sampler != "scheduler" and pipe.is_student:
+            raise ValueError(f"sampler {sampler!r} is a teacher's; a student samples with its SCMScheduler")
         self.pipe = pipe
         self.microbatch = microbatch
-        self.intermediate_times = tuple(intermediate_times)  # students' multistep times; (): Sprint's defaults
+        self.sampler = sampler
+        self.intermediate_times = tuple(intermediate_times)  # students' multistep times; (): the defaults
         self.device = next(pipe.transformer.parameters()).device
         self.dtype = next(pipe.transformer.parameters()).dtype
         self.kernels_installed = maybe_install_kernels(pipe.transformer, use_kernels)
@@ -72,18 +81,24 @@ class Generator:
 
     def _velocity(self, states, mask, scale):
         pipe = self.pipe
-        if pipe.is_student:
-            embedded = (scale * pipe.transformer.config.guidance_embeds_scale).to(self.dtype)
+        if pipe.is_student:  # SanaSprintPipeline: w in the text dtype, times guidance_embeds_scale
+            embedded = scale.to(self.dtype) * pipe.transformer.config.guidance_embeds_scale
             return flow_model(pipe.transformer, states, mask, guidance=embedded)
         null_states, null_mask = pipe.text.null(len(states))
-        return cfg_flow_model(pipe.transformer, states, mask, null_states.to(states), null_mask.to(mask),
-                              scale.to(self.dtype))
+        return cfg_flow_model(pipe.transformer, states, mask, null_states.to(states), null_mask.to(mask), scale)
 
     def _one_step(self, noise, states, mask, scale) -> torch.Tensor:
-        return sample_consistency(self._velocity(states, mask, scale), noise, [], 1)
+        return sample_consistency(self._velocity(states, mask, scale), noise, [], 1, scheduler=self.pipe.scheduler)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.pipe.vae.decode((x0 / self.pipe.vae.config.scaling_factor).to(self.pipe.vae.dtype)).sample
+        """diffusers' decode: latents cast to the VAE dtype, then divided by its scaling factor."""
+        return self.pipe.vae.decode(x0.to(self.pipe.vae.dtype) / self.pipe.vae.config.scaling_factor).sample
+
+    def _teacher(self, velocity, noise, generators, steps: int) -> torch.Tensor:
+        if self.sampler == "scheduler":
+            return sample_scheduler(velocity, noise, self.pipe.scheduler, steps, generators)
+        sampler = sample_flow_euler if self.sampler == "euler" else sample_trigflow
+        return sampler(velocity, noise, teacher_sigmas(steps, self.pipe.flow_shift))
 
     def _multi_step(self, noise, states, mask, scale, generators, steps: int) -> torch.Tensor:
         """Students at 2-4 steps (fresh noise per step from each image's generator) and teachers, eagerly."""
@@ -91,11 +106,12 @@ class Generator:
         for start, stop in batch_chunks(len(noise), rows):
             padded = [pad_batch(t[start:stop], rows) for t in (noise, states, mask, scale)]
             velocity = self._velocity(*padded[1:])
+            gens = generators[start:stop] + [torch.Generator()] * (rows - (stop - start))
             if self.pipe.is_student:
-                gens = generators[start:stop] + [torch.Generator()] * (rows - (stop - start))
-                x0 = sample_consistency(velocity, padded[0], gens, steps, self.intermediate_times)
+                x0 = sample_consistency(velocity, padded[0], gens, steps, self.intermediate_times,
+                                        scheduler=self.pipe.scheduler)
             else:
-                x0 = sample_trigflow(velocity, padded[0], teacher_sigmas(steps, self.pipe.flow_shift))
+                x0 = self._teacher(velocity, padded[0], gens, steps)
             chunks.append(x0[: stop - start])
         return torch.cat(chunks)
 
@@ -119,7 +135,7 @@ class Generator:
 
         side = size // pipe.vae_factor
         noise, generators = seeded_noise(seeds, (pipe.latent_channels, side, side))
-        noise = noise.to(self.device, self.dtype)
+        noise = noise.to(self.device)  # float32, as diffusers' prepare_latents draws it
         if pipe.is_student and steps == 1:
             x0 = self.one_step(noise, states, mask, scale)
         else:

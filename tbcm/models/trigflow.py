@@ -1,6 +1,7 @@
 """TrigFlow time, the training-free flow-matching -> TrigFlow conversion, and the TrigFlow ODE step.
 
-Conventions (../shared/docs/distill-spec.md §1-2): sigma_d = 0.5; x_t = cos(t) x0 + sin(t) z with x0 = latent *
+Conventions (TrigFlow, sCM: Lu & Song, arXiv 2410.11081, Sec. 2; Sana-Sprint, arXiv 2503.09641,
+Sec. 3.1 and Prop. 3.1): sigma_d = 0.5; x_t = cos(t) x0 + sin(t) z with x0 = latent *
 scaling_factor * sigma_d and z ~ N(0, sigma_d^2); the network sees x_t / sigma_d and dx_t/dt = sigma_d F.
 A flow-matching model predicts v = noise - data on unit-variance x_fm = (1 - s) x0' + s eps.
 """
@@ -35,7 +36,8 @@ def flow_sigmas(num_points: int, shift: float, sigma_min: float = 0.0025) -> tor
 
 
 def reference_route(num_points: int, shift: float) -> torch.Tensor:
-    """TBCM's reference route: flow sigmas mapped to TrigFlow time, starting at pi/2 (distill-spec §5.1)."""
+    """TBCM's reference route (arXiv 2511.20410, trajectory sampling): FlowMatch-Euler flow sigmas mapped to TrigFlow
+    time by Sprint eq. 8 (t = atan(s / (1 - s))), starting at pi/2."""
     return trig_time(flow_sigmas(num_points, shift))
 
 

@@ -1,4 +1,5 @@
-"""`tbcm eval`: FD to real procedural images, prompt-attribute accuracy, NFE and images/s, plus a sample grid.
+"""`tbcm eval`: FD to real procedural images, improved precision and recall (fidelity and diversity, on the same
+evaluator features and reference images as FD), prompt-attribute accuracy, NFE and images/s, plus a sample grid.
 
 Prompts are captions of fresh scenes from the chosen split (train or held-out combinations); the reference set is
 an independent set of real renders of the same split. `--model real` scores real renders instead of generated
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from tbcm.world import world
 from tbcm.world.evaluator import Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure, targets_of
+from tbcm.world.manifold import precision_recall
 from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
 from tbcm.models.pipeline import WEIGHTS_DIR, Pipeline, load_pipeline
 from tbcm.models.training import save_grid
@@ -30,7 +32,8 @@ class EvalConfig:
     model: str = "teacher"          # pipeline folder, shipped name (teacher, student), or "real"
     steps: int | None = None        # sampling steps (default: 1 for students, 16 for teachers)
     guidance: float = DEFAULT_GUIDANCE  # CFG scale (teachers) or embedded guidance (students)
-    intermediate_times: tuple = ()  # student times between pi/2 and 0 (steps - 1, e.g. 0.9 at 2 steps); (): Sprint's
+    intermediate_times: tuple = ()  # student times between pi/2 and 0 (steps - 1); (): SanaSprintPipeline's
+    sampler: str = "scheduler"      # a teacher's: its folder's scheduler, "euler" or "trigflow" (TBCM's route)
     prompts: str = "train"          # "train" or "heldout" attribute combinations
     n: int = 512                    # images generated and real reference images
     batch_size: int = 64            # images per generator call
@@ -56,7 +59,8 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
         images = world.render_tensor(scenes, size)
         result |= {"nfe": 0, "images_per_s": None, "steps": 0}
     else:
-        generator = Generator(pipeline or load_pipeline(config.model), intermediate_times=config.intermediate_times)
+        generator = Generator(pipeline or load_pipeline(config.model), intermediate_times=config.intermediate_times,
+                              sampler=config.sampler)
         steps = config.steps or generator.default_steps
         generator.generate([scenes[0].caption], [0], steps, config.guidance)  # warm-up, not timed
         chunks, elapsed = [], 0.0
@@ -75,7 +79,7 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
     ref_feats, _ = measure(evaluator, world.render_tensor(references, size))
     targets = targets_of(scenes)
     accuracy, per_attribute = attribute_accuracy(logits, targets)
-    result |= {"fd": frechet_distance(feats, ref_feats), "accuracy": accuracy,
+    result |= {"fd": frechet_distance(feats, ref_feats), **precision_recall(ref_feats, feats), "accuracy": accuracy,
                "accuracy_per_attribute": per_attribute, "errors_per_attribute": attribute_errors(logits, targets),
                "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "config": asdict(config)}

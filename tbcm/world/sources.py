@@ -15,7 +15,7 @@ from tbcm.world.evaluate import EvalConfig, evaluate
 
 TRAINING_CAPTIONS = 20000  # distinct training-split scenes the prompts are drawn from
 SPLITS = ("train", "heldout")  # training and held-out attribute combinations
-STUDENT_METRICS = ("fd", "accuracy", "nfe", "images_per_s")
+STUDENT_METRICS = ("fd", "precision", "recall", "accuracy", "nfe", "images_per_s")
 
 
 def training_captions(seed: int, count: int = TRAINING_CAPTIONS) -> list[str]:
@@ -37,6 +37,6 @@ class SceneImages:
 
 
 def student_metrics(student: Pipeline, n: int, split: str) -> dict:
-    """1-step FD, attribute accuracy, NFE and images/s of a student on n prompts of a split (`tbcm eval`'s)."""
+    """1-step FD, precision and recall, attribute accuracy, NFE and images/s of a student on n prompts of a split (`tbcm eval`'s)."""
     result = evaluate(EvalConfig(model="student", steps=1, prompts=split, n=n), student)
     return {key: result[key] for key in STUDENT_METRICS}

@@ -15,6 +15,7 @@ from diffusers import AutoencoderDC, SanaTransformer2DModel
 from tqdm import tqdm
 
 from tbcm.world import world
+from tbcm.models.sampling import DENSE_TIMESTEP_SCALE, flow_model
 from tbcm.models.text import TextEncoder
 from tbcm.models.training import TrainConfig, atomic_write_safetensors, read_safetensors, train_loop
 
@@ -65,7 +66,8 @@ def build_teacher(config: TeacherConfig, latent_channels: int, latent_size: int,
         attention_head_dim=config.head_dim, num_layers=config.num_layers, num_cross_attention_heads=config.heads,
         cross_attention_head_dim=config.head_dim, cross_attention_dim=width, caption_channels=caption_channels,
         mlp_ratio=config.mlp_ratio, sample_size=latent_size, patch_size=1, interpolation_scale=1.0,
-        qk_norm="rms_norm_across_heads", guidance_embeds=False, timestep_scale=1.0)
+        qk_norm="rms_norm_across_heads", guidance_embeds=False,
+        timestep_scale=DENSE_TIMESTEP_SCALE)  # dense time: SanaPipeline feeds it 1000 s x 0.001 = s (Sprint Sec. 3.2)
 
 
 @torch.no_grad()
@@ -99,8 +101,7 @@ def flow_matching_loss(transformer: SanaTransformer2DModel, x0: torch.Tensor, st
     eps = torch.randn_like(x0)
     sc = s.view(-1, 1, 1, 1)
     x_s = (1 - sc) * x0 + sc * eps
-    pred = transformer(x_s, encoder_hidden_states=states, encoder_attention_mask=mask, timestep=s,
-                       return_dict=False)[0]
+    pred = flow_model(transformer, states, mask)(x_s, s)  # the timestep SanaPipeline feeds at flow time s
     return (pred - (eps - x0)).square().mean()
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from diffusers import SanaTransformer2DModel
 
 from tbcm.distill.loss import Pairs, consistency_tangent, endpoint_loss, prior_weight, scm_loss, tangent_r
 from tbcm.distill.student import Student, student_from_teacher
@@ -130,3 +131,10 @@ def test_endpoint_loss_regresses_the_one_step_sample_onto_the_endpoint(student64
     assert abs(loss - per_rollout.mean()) > 1e-3  # the dropped rollout really is left out
     exact = Pairs(**{**vars(starts), "x0": one_step})
     assert endpoint_loss(student64, exact) < 1e-12
+
+
+def test_student_of_a_sparse_time_teacher_warns_that_it_does_not_start_as_the_teacher():
+    """A Sana 600M/1.6B teacher (timestep_scale 1.0) embeds 1000 x flow time; its Sprint student embeds flow time."""
+    teacher = SanaTransformer2DModel.from_config({**tiny_transformer(student=False).config, "timestep_scale": 1.0})
+    with pytest.warns(UserWarning, match="timestep_scale is 1.0.*dense time"):
+        student_from_teacher(teacher)

@@ -66,10 +66,9 @@ def test_rollout_shapes_and_velocity_reuse(teacher):
     step = torch.cos(dt) * roll.states[:, k] - torch.sin(dt) * roll.velocities[:, k]
     torch.testing.assert_close(roll.states[:, k + 1], step, atol=1e-5, rtol=1e-5)
 
-    pairs, dropped = pairs_from_rollout(roll, cond[0], cond[1], DistillConfig(route_points=6,
-                                                                              points_per_trajectory=2,
-                                                                              degenerate_std=0.0))
-    assert len(pairs.t) == 6 and dropped == 0
+    weight = torch.tensor([1.0, 0.0, 1.0])  # the degenerate filter's, per prompt
+    pairs = pairs_from_rollout(roll, cond[0], cond[1], weight, DistillConfig(route_points=6, points_per_trajectory=2))
+    assert len(pairs.t) == 6 and pairs.weight.tolist() == [1, 1, 0, 0, 1, 1]
     assert torch.all(pairs.t < math.pi / 2)  # the pure-noise state k = 0 is never a pair
     for i in range(6):  # every pair is one of its prompt's stored states, with its own time and velocity
         row = roll.states[i // 2]
@@ -78,11 +77,20 @@ def test_rollout_shapes_and_velocity_reuse(teacher):
         assert torch.equal(roll.velocities[i // 2, match[0]], pairs.velocity[i])
 
 
-def test_points_per_trajectory_range(teacher):
-    cond = conditioning(teacher, ["a red circle"])
-    roll = rollout(teacher, *cond, DistillConfig(route_points=4))
-    with pytest.raises(ValueError, match="points_per_trajectory"):
-        pairs_from_rollout(roll, cond[0], cond[1], DistillConfig(route_points=4, points_per_trajectory=4))
+def test_points_per_trajectory_range(tiny_teacher_dir, tmp_path):
+    from tbcm.cli.distill import sources
+    from tbcm.distill.trainer import Distiller
+
+    config = DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), route_points=4, points_per_trajectory=4)
+    with pytest.raises(ValueError, match=r"--points-per-trajectory must be at most K-1 = 3 \(--route-points 4\)"):
+        Distiller(config, sources(config))  # a config for `tbcm rollout`, which keeps no points, but no run
+    with pytest.raises(ValueError, match=r"--points-per-trajectory must be >= 1 \(with --pairs data"):
+        DistillConfig(points_per_trajectory=0)  # no pair at all
+    with pytest.raises(ValueError, match="--ladd needs --points-per-trajectory >= 1"):
+        DistillConfig(points_per_trajectory=0, renoised_per_trajectory=2, ladd=True)
+    assert DistillConfig(points_per_trajectory=0, renoised_per_trajectory=2).points_per_trajectory == 0
+    with pytest.raises(ValueError, match="--points-per-trajectory must be >= 1"):
+        DistillConfig(pairs="data", points_per_trajectory=0)
 
 
 def test_degenerate_filter_drops_constant_endpoints_only():
@@ -108,7 +116,7 @@ def test_data_pairs_noise_the_encoded_images(teacher):
 
 def test_renoised_endpoints_lie_off_the_trajectory_with_the_teachers_velocity_there(teacher):
     torch.manual_seed(0)
-    config = DistillConfig(route_points=4, renoised_per_trajectory=3)
+    config = DistillConfig(route_points=4, points_per_trajectory=3, renoised_per_trajectory=3)
     cond = conditioning(teacher, ["a red circle on the left", "a cross"])
     roll = rollout(teacher, *cond, config)
     weight = torch.tensor([1.0, 0.0])

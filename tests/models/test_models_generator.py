@@ -93,6 +93,20 @@ def test_teacher_matches_a_plain_flow_euler_cfg_reference(teacher_pipe):
     assert (images.int() - reference.int()).abs().float().mean() < 0.05
 
 
+@pytest.mark.parametrize("sampler", ["euler", "trigflow"])
+def test_teacher_samplers_agree_with_the_folders_scheduler(teacher_pipe, student_pipe, sampler):
+    """The tiny teacher ships FlowMatchEulerDiscreteScheduler(shift=2.5), whose set_timesteps gives the sigmas of
+    flow-Euler and of TBCM's TrigFlow route: the default (the folder's scheduler) and both flags agree."""
+    prompts, seeds = [TARGET, OTHERS[0]], [3, 4]
+    default = Generator(teacher_pipe).generate(prompts, seeds, 4).images.int()
+    chosen = Generator(teacher_pipe, sampler=sampler).generate(prompts, seeds, 4).images.int()
+    assert (default - chosen).abs().max() <= 1
+    with pytest.raises(ValueError, match="sampler 'euler' is a teacher's"):
+        Generator(student_pipe, sampler="euler")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        Generator(teacher_pipe, sampler="ddim")
+
+
 def test_check_names_the_field(student_pipe, teacher_pipe):
     student, teacher = Generator(student_pipe), Generator(teacher_pipe)
     for steps in (0, 5):

@@ -1,5 +1,6 @@
 """Pipeline folders: save/load round trips, clear errors for broken folders, the text-encoder package, and loading
 a student folder with diffusers' own SanaSprintPipeline (which must reproduce our consistency sampler)."""
+import inspect
 import json
 import math
 import shutil
@@ -87,9 +88,12 @@ def test_model_index_not_json(broken):
         load_pipeline(broken)
 
 
-def test_missing_vae_folder(broken):
-    shutil.rmtree(broken / "vae")
-    with pytest.raises(PipelineError, match=r"vae/config\.json"):
+@pytest.mark.parametrize("component,named", [("vae", r"vae/config\.json"), ("transformer", r"transformer/config\.json"),
+                                            ("scheduler", r"scheduler/scheduler_config\.json"),
+                                            ("tokenizer", r"tokenizer: cannot load the tokenizer")])
+def test_missing_component_folder(broken, component, named):
+    shutil.rmtree(broken / component)
+    with pytest.raises(PipelineError, match=named):
         load_pipeline(broken)
 
 
@@ -108,6 +112,85 @@ def test_only_non_safetensors_weights(broken):
     weights.unlink()
     with pytest.raises(PipelineError, match=r"transformer.*safetensors"):
         load_pipeline(broken)
+
+
+def test_weights_that_do_not_match_the_config(broken):
+    config_path = broken / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_layers"] = 3  # the weights hold 2 blocks
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match=r"transformer.*do not match config\.json.*transformer_blocks\.2"):
+        load_pipeline(broken)
+    config["num_layers"], config["caption_channels"] = 2, 48  # the weights are for 32 caption channels
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match=r"transformer: cannot load SanaTransformer2DModel"):
+        load_pipeline(broken)
+
+
+def test_wrong_pipeline_and_scheduler_classes(broken, tiny_student_dir, tmp_path):
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(PipelineError, match=r"model_index\.json.*StableDiffusionPipeline"):
+        load_pipeline(broken)
+    (broken / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "NoSuchScheduler"]}))
+    with pytest.raises(PipelineError, match=r"model_index\.json.*'NoSuchScheduler' is not a diffusers scheduler"):
+        load_pipeline(broken)
+    (broken / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(PipelineError, match=r"model_index\.json.*vae.*AutoencoderKL"):
+        load_pipeline(broken)
+    student = shutil.copytree(tiny_student_dir, tmp_path / "student")
+    index = json.loads((student / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (student / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineError, match=r"Sana-Sprint.*SCMScheduler"):
+        load_pipeline(student)
+
+
+def test_variant_weights(broken):
+    """A component holding only *.bf16.safetensors loads that variant; a variant that is not there is named."""
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.rename(broken / "vae" / "diffusion_pytorch_model.bf16.safetensors")
+    pipe = load_pipeline(broken)
+    assert pipe.vae.dtype == torch.float32  # the requested dtype, whatever the stored one
+    assert load_pipeline(broken, variant="bf16").transformer.dtype == torch.float32  # plain where there is no bf16
+    with pytest.raises(PipelineError, match=r"vae: no fp16 weights; the variants there are \['bf16'\]"):
+        load_pipeline(broken, variant="fp16")
+    shutil.copy(broken / "vae" / "diffusion_pytorch_model.bf16.safetensors",
+                broken / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(PipelineError, match=r"vae: no plain weights.*\['bf16', 'fp16'\].*variant="):
+        load_pipeline(broken)
+
+
+def test_scheduler_is_the_class_the_folder_names(broken):
+    from diffusers import DPMSolverMultistepScheduler
+
+    DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction") \
+        .save_pretrained(broken / "scheduler")
+    index = json.loads((broken / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(broken)
+    assert type(pipe.scheduler) is DPMSolverMultistepScheduler and pipe.flow_shift == 3.0
+
+
+def test_text_settings_come_from_the_folder(broken):
+    """tbcm.json's max_sequence_length and complex_human_instruction; a tbcm.json without the instruction key
+    (every tbcm folder made before it existed) means none; no tbcm.json means diffusers' defaults."""
+    info = json.loads((broken / "tbcm.json").read_text())
+    assert info["complex_human_instruction"] is None and load_pipeline(broken).text.complex_human_instruction is None
+    del info["complex_human_instruction"]
+    (broken / "tbcm.json").write_text(json.dumps({**info, "max_sequence_length": 12}))
+    text = load_pipeline(broken).text
+    assert text.complex_human_instruction is None and text.max_length == 12
+    (broken / "tbcm.json").write_text(json.dumps({**info, "complex_human_instruction": ["Describe:", "Prompt: "]}))
+    assert load_pipeline(broken).text.complex_human_instruction == ["Describe:", "Prompt: "]
+    (broken / "tbcm.json").unlink()
+    from diffusers import SanaPipeline
+
+    defaults = {k: p.default for k, p in inspect.signature(SanaPipeline.__call__).parameters.items()}
+    text = load_pipeline(broken).text
+    assert text.max_length == defaults["max_sequence_length"] == 300
+    assert text.complex_human_instruction == defaults["complex_human_instruction"]
 
 
 def test_missing_text_encoder_without_package(broken):
@@ -140,6 +223,8 @@ def test_folder_without_text_encoder_loads_the_package_encoder(tmp_path):
 
     folder = make_tiny_pipeline(tmp_path / "shipped", student=True, copy_text_encoder=False)
     assert not (folder / "text_encoder").exists() and not (folder / "tokenizer").exists()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["text_encoder"] == index["tokenizer"] == [None, None]  # diffusers then takes them as arguments
     assert json.loads((folder / "tbcm.json").read_text())["text_encoder_package"] == TEXT_ENCODER_PACKAGE
     pipe = load_pipeline(folder)
     assert type(pipe.text.encoder).__name__ == "BertModel"

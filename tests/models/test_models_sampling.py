@@ -1,4 +1,5 @@
-"""Samplers: flow-Euler and TrigFlow agree on the tiny teacher with CFG; recorded trajectories; CM times; per-seed noise."""
+"""Samplers: flow-Euler and TrigFlow agree on the tiny teacher with CFG; the timestep fed to the transformer;
+recorded trajectories; CM times; per-seed noise."""
 import copy
 import importlib.util
 import math
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tbcm.models.sampling import (CM_INTERMEDIATE_TIMES, cfg_flow_model, cm_times, flow_model, sample_consistency,
+from tbcm.models.sampling import (CM_STEPS, SCM_MAX_TIME, cfg_flow_model, cm_times, flow_model, sample_consistency,
                              sample_flow_euler, sample_trigflow, seeded_noise, teacher_sigmas, to_uint8,
                              trigflow_trajectory)
 from tbcm.models.trigflow import (SIGMA_DATA, T_MAX, consistency_x0, flow_sigmas, reference_route, renoise, trig_time,
@@ -64,6 +65,22 @@ def test_cfg_flow_model_matches_two_separate_calls(teacher_pipe, captions):
     torch.testing.assert_close(guided, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(guided[0], cond[0], atol=1e-5, rtol=1e-5)  # w = 1 is the conditional model
     assert (cond - null).abs().max() > 1e-3  # the prompt matters, so the test can tell the branches apart
+
+
+@pytest.mark.parametrize("which,timestep_scale,expected", [("teacher", 1.0, 1000.0), ("teacher", 0.001, 1.0),
+                                                          ("student", 1.0, 1.0), ("student", 0.001, 1.0)])
+def test_flow_model_feeds_the_timestep_diffusers_pipelines_feed(teacher_pipe, student_pipe, captions, which,
+                                                                 timestep_scale, expected):
+    """SanaPipeline: scheduler timestep (1000 s) x timestep_scale; SanaSprintPipeline: s itself."""
+    transformer = copy.deepcopy((teacher_pipe if which == "teacher" else student_pipe).transformer)
+    transformer.register_to_config(timestep_scale=timestep_scale)
+    seen = []
+    transformer.time_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    s = torch.tensor([0.9, 0.5, 0.1])
+    guidance = torch.full((3,), 0.45) if which == "student" else None
+    with torch.no_grad():
+        flow_model(transformer, *captions[:2], guidance=guidance)(torch.randn(3, 4, 4, 4), s)
+    torch.testing.assert_close(seen[0], s * expected)
 
 
 def test_cfg_flow_model_guides_only_inside_its_interval(teacher_pipe, captions):
@@ -162,12 +179,14 @@ def test_cm_times():
             cm_times(bad)
     for steps in range(1, 5):
         times = cm_times(steps)
-        assert len(times) == steps + 1 and times[0] == T_MAX and times[-1] == 0.0
+        assert len(times) == steps + 1 and times[0] == pytest.approx(SCM_MAX_TIME) and times[-1] == 0.0
         assert all(a > b for a, b in zip(times, times[1:]))
-    assert cm_times(2) == [math.pi / 2, 1.3, 0.0]  # Sana-Sprint release / diffusers default
-    assert cm_times(4) == [math.pi / 2, 1.3, 1.1, 0.6, 0.0]  # Sprint Tab. 7
-    assert sorted(CM_INTERMEDIATE_TIMES) == [1, 2, 3, 4]
-    assert cm_times(2, (0.9,)) == [math.pi / 2, 0.9, 0.0] and cm_times(3, (1.2, 0.4)) == [math.pi / 2, 1.2, 0.4, 0.0]
+    assert SCM_MAX_TIME == pytest.approx(T_MAX, abs=1e-5)  # diffusers' pi/2, rounded to 5 decimals
+    assert cm_times(2) == pytest.approx([1.5708, 1.3, 0.0])  # SanaSprintPipeline's defaults
+    assert cm_times(4) == pytest.approx([1.5708 * k / 4 for k in (4, 3, 2, 1, 0)])  # SCMScheduler's linspace
+    assert CM_STEPS == (1, 2, 3, 4)
+    assert cm_times(2, (0.9,)) == pytest.approx([1.5708, 0.9, 0.0])
+    assert cm_times(3, (1.2, 0.4)) == pytest.approx([1.5708, 1.2, 0.4, 0.0])
     for steps, bad in ((2, (0.9, 0.5)), (1, (0.9,)), (3, (0.4, 1.2)), (2, (1.6,)), (2, (0.0,)), (3, (0.9, 0.9))):
         with pytest.raises(ValueError, match="intermediate_times must hold"):
             cm_times(steps, bad)
@@ -208,10 +227,11 @@ def test_consistency_sampler_follows_the_intermediate_times(student_pipe):
         return sample_consistency(velocity, noise, gens, 2, intermediate)
     torch.testing.assert_close(sample(1.3), sample(), atol=0, rtol=0)  # Sprint's time is the default
     assert not torch.allclose(sample(0.9), sample(), atol=1e-3)
-    noise, gens = seeded_noise([1, 2, 3], (4, 4, 4))  # by hand: x0 at pi/2, re-noised to 0.9, x0 there
+    noise, gens = seeded_noise([1, 2, 3], (4, 4, 4))  # by hand: x0 at the first time, re-noised to 0.9, x0 there
+    first_time = torch.full((3,), SCM_MAX_TIME)
     with torch.no_grad():
-        first = consistency_x0(noise * SIGMA_DATA, SIGMA_DATA * trigflow_from_flow(velocity, noise, torch.full(
-            (3,), T_MAX)), torch.full((3,), T_MAX))
+        first = consistency_x0(noise * SIGMA_DATA, SIGMA_DATA * trigflow_from_flow(velocity, noise, first_time),
+                               first_time)
         fresh = torch.stack([torch.randn((4, 4, 4), generator=g) for g in gens])
         x = renoise(first, SIGMA_DATA * fresh, torch.full((3,), 0.9))
         t = torch.full((3,), 0.9)

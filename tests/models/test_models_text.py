@@ -118,3 +118,32 @@ def test_masks_mark_real_tokens(make_text):
     for prompt, row in zip(PROMPTS, mask):
         n = text.count_tokens(prompt)
         assert row.tolist() == [1] * n + [0] * (16 - n), prompt  # right padding
+
+
+def test_prompts_are_lower_cased_and_stripped_as_diffusers_does(make_text):
+    """diffusers' SanaPipeline._text_preprocessing(clean_caption=False): lower() and strip()."""
+    mixed, mixed_mask = make_text().encode(["  A Small RED Circle on the LEFT "])
+    plain, plain_mask = make_text().encode(["a small red circle on the left"])
+    assert torch.equal(mixed, plain) and torch.equal(mixed_mask, plain_mask)
+    assert make_text().count_tokens(" A RED circle ") == make_text().count_tokens("a red circle")
+
+
+def test_complex_human_instruction_is_prefixed_then_cut_to_max_length(make_text):
+    """With an instruction: tokens(CHI + prompt) padded to len(tokens(CHI)) + max_length - 2, encoded, then the
+    first and the last max_length - 1 states kept (diffusers' select_index); the null prompt gets no instruction."""
+    instruction = ["Describe the image in detail:", "User Prompt: "]
+    text = make_text(complex_human_instruction=instruction)
+    states, mask = text.encode(["A red circle", ""])
+    prefix = "\n".join(instruction)
+    budget = len(text.tokenizer.encode(prefix)) + text.max_length - 2
+    tokens = text.tokenizer([prefix + "a red circle"], padding="max_length", max_length=budget, truncation=True,
+                            return_tensors="pt")
+    with torch.no_grad():
+        full = text.encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    keep = [0, *range(budget - text.max_length + 1, budget)]
+    assert states.shape[1] == text.max_length
+    torch.testing.assert_close(states[0], full[0, keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(mask[0], tokens.attention_mask[0, keep])
+    null_states, null_mask = make_text().encode([""])
+    torch.testing.assert_close(states[1], null_states[0], atol=1e-6, rtol=0)
+    assert torch.equal(mask[1], null_mask[0])

@@ -1,4 +1,5 @@
-"""TrigFlow time, the flow -> TrigFlow conversion and the TrigFlow step against closed forms (distill-spec §1-2, §5.1).
+"""TrigFlow time, the flow -> TrigFlow conversion and the TrigFlow step against closed forms (sCM,
+arXiv 2410.11081, Sec. 2; Sana-Sprint, arXiv 2503.09641, Sec. 3.1 and Prop. 3.1; TBCM's reference route).
 
 The exact flow model is the ideal velocity when all data is one fixed tensor x0, so every quantity has an
 analytic value: F* = cos t z / sigma_d - sin t x0 / sigma_d, and x_s = cos s x0 + sin s z along the ODE.
