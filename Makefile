@@ -12,7 +12,7 @@ SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
-.PHONY: install lock check-latest test serve demo gpu-check world teacher teacher-phases student equal-time
+.PHONY: install lock check-latest test serve demo gpu-check world teacher teacher-phases student equal-time docs
 
 LOCK := requirements.lock# every dependency, direct and transitive, at its exact version (made by `make lock`)
 SERVE_LOCK := requirements-serve.lock# the same versions, serving's share only: what the bento installs
@@ -97,3 +97,8 @@ equal-time: install
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh
+
+# Write the numbers tables of README.md and docs/results.md from weights/*/tbcm.json and docs/results/*.json
+# (standard library only: no install needed); tests/test_docs.py fails when they are stale.
+docs:
+	$(PY) tools/docs_table.py

@@ -1,0 +1,314 @@
+"""Write the numbers tables of README.md and docs/results.md from the shipped folders and the benchmark JSON.
+
+    python3 tools/docs_table.py           # rewrite every block in place (`make docs`)
+    python3 tools/docs_table.py --check   # exit 1, naming the stale blocks, if a file differs (tests/test_docs.py)
+
+Each block sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` and is generated whole; edit this script,
+never the block. Sources (all repo-relative, standard library only, no model is loaded):
+- weights/teacher/tbcm.json -> eval, weights/student/tbcm.json -> manifest.eval: the folders' own evals, n = 512;
+- docs/results/table1.json: Table 1 of record, n = 2048, with the sha256 of the transformers it was measured on;
+- docs/results/equal-time-*.json: Table 2, the side-by-side pairs;
+- docs/results/latency.json, docs/results/serving.json: speed and serving.
+A benchmark that cannot be tied to the shipped student (its transformer's sha256 or its training manifest) is
+labelled "measured on an earlier student: to be re-measured" instead of being shown as current.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "docs/results"
+STALE = "measured on an earlier student: to be re-measured"
+BARS = {"fd": 1.3, "accuracy": 0.95}  # one-step bars: FD at most 1.3x the teacher's, accuracy at least 0.95x
+DRAWS = (("train", "train, seed 0"), ("heldout", "held out, seed 0"), ("heldout-seed1", "held out, `--seed 1`"))
+# Table 2: (file, budget label, bank, training seed); the TBCM side is reported as its JSON's export says
+PAIRS = (("equal-time-r1-3600.json", "1 h", "8 shards", 0), ("equal-time-r1-seed1-3600.json", "1 h", "8 shards", 1),
+         ("equal-time-r1-bank4-3600.json", "1 h", "4 shards", 0), ("equal-time-r1-1200.json", "20 min", "8 shards", 0),
+         ("equal-time-r1-bank4-1200.json", "20 min", "4 shards", 0))
+PAIR_DRAWS = (("train-seed0", "train"), ("train-seed1", "train, `--seed 1`"), ("heldout-seed0", "held out"),
+              ("heldout-seed1", "held out, `--seed 1`"))
+
+
+def load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+@lru_cache(maxsize=None)
+def sha256(path: str) -> str:
+    return hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+
+
+def transformer_sha(folder: str) -> str:
+    return sha256(f"{folder}/transformer/diffusion_pytorch_model.safetensors")
+
+
+def student_manifest() -> dict:
+    return load("weights/student/tbcm.json")["manifest"]
+
+
+def on_shipped_student(record: dict | None) -> bool:
+    """Whether a benchmark's model record names the shipped student: by transformer sha256, else by its training
+    manifest (what `tbcm.json` -> manifest holds: config, counters, eval of the run that made it)."""
+    if not record:
+        return False
+    if record.get("transformer_sha256"):
+        return record["transformer_sha256"] == transformer_sha("weights/student")
+    manifest = record.get("manifest") or {}
+    manifest = manifest.get("manifest", manifest)  # a whole tbcm.json, or its manifest
+    return bool(manifest) and manifest == student_manifest()
+
+
+def fa(row: dict) -> str:
+    return f"{row['fd']:.1f} / {row['accuracy']:.3f}"
+
+
+def ratio(student: dict, teacher: dict, key: str) -> str:
+    return f"{student[key] / teacher[key]:.{2 if key == 'fd' else 3}f}x"
+
+
+def se(a: float, b: float, n: int) -> float:
+    return math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+
+
+def table1_current() -> tuple[dict, bool]:
+    table = load(f"{RESULTS}/table1.json")
+    current = (table["student_transformer_sha256"] == transformer_sha("weights/student")
+               and table["teacher_transformer_sha256"] == transformer_sha("weights/teacher"))
+    return table, current
+
+
+def latency_current() -> tuple[dict, bool]:
+    latency = load(f"{RESULTS}/latency.json")
+    return latency, on_shipped_student(latency["models"]["student"])
+
+
+def serving_current() -> tuple[dict, bool]:
+    serving = load(f"{RESULTS}/serving.json")
+    return serving, on_shipped_student(serving["model"])
+
+
+def note(current: bool) -> str:
+    return "" if current else f" **({STALE})**"
+
+
+def cached_prompts_note(serving: dict) -> str:
+    """A serving run whose prompts hit the prompt cache times no text encoding: say so beside its numbers."""
+    encode = serving["phases"]["c1"]["server"]["stage_ms_mean"]["text_encoding"]
+    if encode >= 1.0:
+        return ""
+    return (f"The serving run repeated its prompts, so text encoding hit the prompt cache ({encode:.2f} ms a "
+            "request at one client, against the latency run's distinct prompts): its latencies are below the "
+            "in-process ones largely for that reason, and the two are not comparable.")
+
+
+def block_numbers() -> str:
+    """README: one table of the shipped numbers."""
+    teacher_eval = load("weights/teacher/tbcm.json")["eval"]
+    student_eval = student_manifest()["eval"]
+    table, t1_ok = table1_current()
+    rows = table["rows"]
+    latency, lat_ok = latency_current()
+    serving, srv_ok = serving_current()
+    t1_src = f"`tbcm eval --n 2048`, `{RESULTS}/table1.json`{note(t1_ok)}"
+    machine = "2-core AMD EPYC, 2 threads"
+    lines = [
+        "| measure | teacher (16 steps, CFG 4.5, NFE 32) | student (1 step, NFE 1) | student / teacher "
+        "| n, split, draw | machine | made by |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, label in DRAWS:
+        s, t = rows[f"student-{key}"], rows[f"teacher-{key}"]
+        lines.append(f"| FD / accuracy, **of record** | {fa(t)} | {fa(s)} | FD {ratio(s, t, 'fd')}, accuracy "
+                     f"{ratio(s, t, 'accuracy')} | 2048, {label} | {machine} | {t1_src} |")
+    for split, label in (("train", "train"), ("heldout", "held out")):
+        t, s = teacher_eval[split], student_eval[split]
+        lines.append(f"| FD / accuracy, folder's own eval | {fa(t)} | {fa(s)} | FD {ratio(s, t, 'fd')}, accuracy "
+                     f"{ratio(s, t, 'accuracy')} | 512, {label}, seed 0 | 2-core CPU | `make world`, `make student` "
+                     f"(`weights/*/tbcm.json`; n = 512, not comparable with n = 2048) |")
+    cpu = f"{latency['machine']['cpu']}, {latency['machine']['cpus']} CPUs, {latency['machine']['torch_threads']} threads"
+    lat_src = f"`python -m benchmarks.bench_latency --threads 2`, `{RESULTS}/latency.json`{note(lat_ok)}"
+    proc = latency["in_process"]
+    head = latency["headline"]
+    lines.append(f"| speed-up, transformer stage | {proc['teacher']['transformer']:.1f} ms | "
+                 f"{proc['student']['transformer']:.1f} ms | {head['transformer_speedup']:.1f}x faster "
+                 f"(NFE bound {head['transformer_speedup_limit']:.0f}x) | batch 1, median of "
+                 f"{latency['config']['repeats']} | {cpu} | {lat_src} |")
+    lines.append(f"| latency, in-process end to end | {proc['teacher']['total']:.1f} ms | {proc['student']['total']:.1f} ms"
+                 f" | {head['end_to_end_speedup_in_process']:.1f}x faster | batch 1 | {cpu} | {lat_src} |")
+    best = latency["throughput"]["best"]
+    lines.append(f"| throughput, generator | - | {best['images_per_s']:.1f} images/s | - | batch {best['batch']} | "
+                 f"{cpu} | {lat_src} |")
+    phases = serving["phases"]
+    srv_cpu = f"{serving['machine']['cpu']}, {serving['machine']['cpus']} CPUs, service defaults"
+    srv_src = f"`python -m benchmarks.bench_serving`, `{RESULTS}/serving.json`{note(srv_ok)}"
+    lines.append(f"| serving latency, HTTP, 1 client | - | p50 {phases['c1']['latency_ms']['p50']:.1f} ms, p99 "
+                 f"{phases['c1']['latency_ms']['p99']:.1f} ms | - | closed loop, 1 client | {srv_cpu} | {srv_src} |")
+    lines.append(f"| serving throughput, HTTP, 16 clients | - | {phases['c16']['throughput_rps']:.1f} requests/s "
+                 f"(p99 {phases['c16']['latency_ms']['p99']:.1f} ms) | - | closed loop, 16 clients | {srv_cpu} | "
+                 f"{srv_src} |")
+    lines.append(f"| serving tail, Poisson at 70% load | - | p99 {phases['poisson70']['latency_ms']['p99']:.1f} ms at "
+                 f"{phases['poisson70']['throughput_rps']:.1f} requests/s | - | open loop | {srv_cpu} | {srv_src} |")
+    cached = cached_prompts_note(serving)
+    return "\n".join(lines + (["", cached] if cached else []))
+
+
+def block_table1() -> str:
+    """docs/results.md: the one-step bars at n = 2048, with the folders' own n = 512 evals labelled as such."""
+    table, current = table1_current()
+    rows = table["rows"]
+    lines = []
+    if not current:
+        lines += [f"**These rows were {STALE}** (the shipped transformers' sha256 differ from `table1.json`'s).", ""]
+    lines += ["| split, draw (n = 2048) | teacher, 16 steps: FD / accuracy | student, 1 step: FD / accuracy "
+              "| FD / teacher's (bar <= 1.3x) | accuracy / teacher's (bar >= 0.95x) | bars met |",
+              "|---|---|---|---|---|---|"]
+    for key, label in DRAWS:
+        s, t = rows[f"student-{key}"], rows[f"teacher-{key}"]
+        met = s["fd"] / t["fd"] <= BARS["fd"] and s["accuracy"] / t["accuracy"] >= BARS["accuracy"]
+        lines.append(f"| {label} | {fa(t)} | {fa(s)} | {ratio(s, t, 'fd')} | {ratio(s, t, 'accuracy')} | "
+                     f"{'yes' if met else '**no**'} |")
+    s = rows["student-train-seed1"]
+    lines.append(f"| train, `--seed 1` | - | {fa(s)} | - | - | - |")
+    teacher_eval = load("weights/teacher/tbcm.json")["eval"]
+    student_eval = student_manifest()["eval"]
+    lines += ["", "The folders' own evals (`tbcm.json`, n = 512, seed 0; FD at this n is not comparable with the rows "
+              "above, since the reference set is n real renders too):", "",
+              "| split (n = 512) | teacher: FD / accuracy | student: FD / accuracy |", "|---|---|---|"]
+    for split, label in (("train", "train"), ("heldout", "held out")):
+        lines.append(f"| {label} | {fa(teacher_eval[split])} | {fa(student_eval[split])} |")
+    return "\n".join(lines)
+
+
+def block_seeds() -> str:
+    table, current = table1_current()
+    rows = table["rows"]
+    lines = [] if current else [f"**{STALE}**", ""]
+    lines += ["| training seed | train | held out | held out, `--seed 1` | pooled held-out accuracy / teacher's |",
+              "|---|---|---|---|---|"]
+    t_pool = (rows["teacher-heldout"]["accuracy"] + rows["teacher-heldout-seed1"]["accuracy"]) / 2
+    for seed, prefix in ((0, "student"), (1, "seed1-student"), (2, "seed2-student")):
+        cells = []
+        for key, _ in DRAWS:
+            s, t = rows[f"{prefix}-{key}"], rows[f"teacher-{key}"]
+            cells.append(f"{fa(s)} ({ratio(s, t, 'fd')}, {ratio(s, t, 'accuracy')})")
+        pool = (rows[f"{prefix}-heldout"]["accuracy"] + rows[f"{prefix}-heldout-seed1"]["accuracy"]) / 2
+        label = "0 (shipped)" if seed == 0 else str(seed)
+        lines.append(f"| {label} | {' | '.join(cells)} | {pool / t_pool:.3f}x |")
+    return "\n".join(lines)
+
+
+def block_steps() -> str:
+    table, current = table1_current()
+    rows = table["rows"]
+    lines = [] if current else [f"**{STALE}**", ""]
+    lines += ["| student steps (NFE) | train: FD / accuracy | held out: FD / accuracy |", "|---|---|---|"]
+    for steps, prefix in ((1, "student"), (2, "student-steps2"), (4, "student-steps4")):
+        lines.append(f"| {steps} | {fa(rows[f'{prefix}-train'])} | {fa(rows[f'{prefix}-heldout'])} |")
+    lines.append(f"| teacher, 16 (32) | {fa(rows['teacher-train'])} | {fa(rows['teacher-heldout'])} |")
+    return "\n".join(lines)
+
+
+def block_table2() -> str:
+    lines = ["| budget, bank, training seed | TBCM: bank s, steps, export | data-sCM: steps | draw (n = 2048) "
+             "| TBCM: FD / accuracy | data-sCM: FD / accuracy | accuracy difference (SE) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, budget, bank, seed in PAIRS:
+        pair = load(f"{RESULTS}/{name}")
+        rows = pair["rows"]
+        # the reported TBCM export: as trained where the JSON says so (rows tbcm-a1-* when both were evaluated)
+        as_trained = pair["tbcm"]["export_extrapolation"] == 1.0
+        prefix = "tbcm-a1" if as_trained and "tbcm-a1-train-seed0" in rows else "tbcm"
+        export = "as trained" if as_trained else f"at {pair['tbcm']['export_extrapolation']}"
+        for i, (key, label) in enumerate(PAIR_DRAWS):
+            t, d = rows[f"{prefix}-{key}"], rows[f"data-{key}"]
+            diff = t["accuracy"] - d["accuracy"]
+            plot = f"results/{pair['figure'].split('.{')[0]}.png"
+            first = (f"{budget}, {bank}, seed {seed} ([plot]({plot}))",
+                     f"{pair['bank_s']:.0f} s, {pair['tbcm']['steps']}, {export}", f"{pair['data']['steps']}")
+            head = first if i == 0 else ("", "", "")
+            lines.append(f"| {' | '.join(head)} | {label} | {fa(t)} | {fa(d)} | {diff:+.3f} "
+                         f"({se(t['accuracy'], d['accuracy'], t['n']):.3f}) |")
+    return "\n".join(lines)
+
+
+def block_serving() -> str:
+    latency, lat_ok = latency_current()
+    serving, srv_ok = serving_current()
+    proc, http = latency["in_process"], latency["http"]["student"]
+    m = latency["machine"]
+    lines = [] if lat_ok else [f"**Latency {STALE}** (the architecture is the shipped one, so the timings should "
+                               "carry over, but `latency.json` does not record which student it timed).", ""]
+    lines += [f"Batch 1, median of {latency['config']['repeats']} warm calls (ms); {m['cpu']}, {m['cpus']} CPUs, "
+              f"{m['torch_threads']} torch threads, torch {m['torch']}, no GPU; `{RESULTS}/latency.json`:", "",
+              "| stage | student, 1 step (NFE 1) | teacher, 16 steps CFG (NFE 32) | teacher / student |",
+              "|---|---|---|---|"]
+    names = {"text_encoding": "text encoding", "transformer": "transformer", "vae_decode": "VAE decode",
+             "image_encoding": "image encoding (PNG)", "total": "in-process total"}
+    for stage, label in names.items():
+        s, t = proc["student"][stage], proc["teacher"][stage]
+        lines.append(f"| {label} | {s:.1f} | {t:.1f} | {t / s:.2f}x |")
+    lines.append(f"| HTTP POST /generate, 1 client | {http['p50_ms']:.1f} | - | - |")
+    lines += ["", "| generator batch | ms per call | images/s |", "|---|---|---|"]
+    for row in latency["throughput"]["rows"]:
+        lines.append(f"| {row['batch']} | {row['ms_per_call']:.1f} | {row['images_per_s']:.1f} |")
+    lines += [""] + ([] if srv_ok else [f"**Serving {STALE}** (`serving.json` records the earlier student's "
+                                        "manifest).", ""])
+    sm = serving["machine"]
+    lines += [f"Serving goals, `{RESULTS}/serving.json` ({sm['cpu']}, {sm['cpus']} CPUs, the service's defaults: "
+              f"max_batch {serving['server_args']['max_batch']}, microbatch {serving['server_args']['microbatch']}):",
+              "", "| goal | value | met |", "|---|---|---|"]
+    for goal, result in serving["goals"].items():
+        value = result["value"]
+        shown = f"{value:.3f}" if isinstance(value, float) else f"`{json.dumps(value)}`"
+        lines.append(f"| {goal} | {shown} | {'yes' if result['met'] else '**no**'} |")
+    cached = cached_prompts_note(serving)
+    return "\n".join(lines + (["", cached] if cached else []))
+
+
+BLOCKS = {"README.md": {"numbers": block_numbers},
+          "docs/results.md": {"table1": block_table1, "seeds": block_seeds, "steps": block_steps,
+                              "table2": block_table2, "serving": block_serving}}
+
+
+def render(text: str, blocks: dict) -> tuple[str, list[str]]:
+    """text with every named block regenerated; the names of blocks whose markers are missing."""
+    missing = []
+    for name, make in blocks.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n)(?:.*?\n)?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(text):
+            missing.append(name)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+    return text, missing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
+    args = parser.parse_args(argv)
+    problems = []
+    for name, blocks in BLOCKS.items():
+        path = ROOT / name
+        old = path.read_text()
+        new, missing = render(old, blocks)
+        problems += [f"{name}: no <!-- {block}:begin/end --> markers" for block in missing]
+        if new != old:
+            if args.check:
+                problems.append(f"{name}: numbers tables are stale; run `make docs`")
+            else:
+                path.write_text(new)
+                print(f"wrote {name}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
