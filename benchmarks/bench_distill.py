@@ -74,7 +74,8 @@ def run_one(teacher: str, pairs: str, steps: int, prompts_per_step: int, points:
 
 
 def markdown_table(rows: list[dict], command: str) -> str:
-    lines = [f"`{command}`", "", "| pairs | iteration s | s / pair | peak RSS GB | CUDA max GB |", "|---|---|---|---|---|"]
+    lines = [f"`{command}`", "", "| pairs | iteration s | s / pair | peak RSS GB | CUDA max GB |",
+             "|---|---|---|---|---|"]
     for r in rows:
         cuda = f"{r['cuda_max_allocated_gb']:.2f}" if "cuda_max_allocated_gb" in r else "-"
         lines.append(f"| {r['pairs']} | {r['iteration_s']:.3f} | {r['time_per_pair_s']:.4f} | {r['peak_rss_gb']:.2f} | "

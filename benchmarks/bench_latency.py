@@ -17,6 +17,7 @@ Sana-Sprint's own 1.2 s / 0.21 s = 5.7x on an A100.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import signal
 import statistics
@@ -28,14 +29,13 @@ from pathlib import Path
 import httpx
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.bench_serving import PROMPT, machine, start_server
+from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator
+from tbcm.models.pipeline import load_pipeline
+from tbcm.service.config import ServiceConfig
+from tbcm.service.engine import encode_image
+from tbcm.service.runtime import pick_device, resolve_spec
 
-from benchmarks.bench_serving import PROMPT, machine, start_server  # noqa: E402
-from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator  # noqa: E402
-from tbcm.models.pipeline import load_pipeline  # noqa: E402
-from tbcm.service.config import ServiceConfig  # noqa: E402
-from tbcm.service.engine import encode_image  # noqa: E402
-from tbcm.service.runtime import pick_device, resolve_spec  # noqa: E402
 
 STAGES = ("text_encoding", "transformer", "vae_decode", "image_encoding", "total")
 LABELS = {"text_encoding": "text encoding", "transformer": "transformer", "vae_decode": "VAE decode",
@@ -149,6 +149,12 @@ def headline(report: dict) -> dict:
     return result
 
 
+def transformer_sha256(folder: Path) -> str:
+    """Which weights were measured (tools/docs_table.py ties the report to the shipped folder by it)."""
+    weights = Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def run(args: argparse.Namespace, scratch: Path) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,6 +175,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
               "config": {"repeats": args.repeats, "warmup": WARMUP, "microbatch": args.microbatch, "batch": 1,
                          "prompt": prompt(0).replace("0", "N (distinct per call)"), "device": str(device)},
               "models": {kind: {"spec": "tiny" if args.tiny else specs[kind], "path": str(paths[kind]),
+                                "transformer_sha256": transformer_sha256(paths[kind]),
                                 "steps": steps[kind], "nfe": steps[kind] * (1 if kind == "student" else 2)}
                          for kind in specs},
               "in_process": {}, "http": {}}

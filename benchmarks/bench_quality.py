@@ -2,7 +2,7 @@
 training and held-out attribute combinations: FD, improved precision and recall (diversity: a student's recall
 against the teacher's), all-attribute accuracy, NFE, images/s on this machine.
 
-    python benchmarks/bench_quality.py --n 512 --json runs/bench/quality.json \
+    python -m benchmarks.bench_quality --n 512 --json runs/bench/quality.json \
         --model teacher:4,8,16 --model student:1,2,4 --model runs/scm-data/export:1,2,4
 """
 from __future__ import annotations
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-
-from tbcm.world.evaluate import EvalConfig, evaluate  # noqa: E402
+from tbcm.world.evaluate import EvalConfig, evaluate
 
 METRICS = ("fd", "precision", "recall", "accuracy", "nfe", "images_per_s")  # per row; "real" rows have no images/s
 

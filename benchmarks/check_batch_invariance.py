@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-
-from tbcm.models.generator import Generator  # noqa: E402
-from tbcm.models.pipeline import load_pipeline, resolve_model  # noqa: E402
+from tbcm.models.generator import Generator
+from tbcm.models.pipeline import load_pipeline, resolve_model
 
 PROMPTS = ("a small red circle on the left", "a large blue square at the top")
 

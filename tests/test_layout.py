@@ -89,7 +89,8 @@ def test_layering():
 def test_the_package_sets_no_environment_on_import():
     code = ("import os; before = dict(os.environ); import tbcm.kernels, tbcm.models.generator, tbcm.service.service; "
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}; "
-            "print(sorted(k for k in changed if k.startswith(('TRITON', 'TBCM', 'CUDA', 'OMP', 'PYTORCH', 'TOKENIZERS'))))")
+            "prefixes = ('TRITON', 'TBCM', 'CUDA', 'OMP', 'PYTORCH', 'TOKENIZERS')\n"
+            "print(sorted(k for k in changed if k.startswith(prefixes)))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -134,13 +134,9 @@ def test_evaluator_shapes_and_save_load(tmp_path):
         Evaluator.load(tmp_path / "missing")
 
 
-SHIPPED = WEIGHTS_DIR / "evaluator" / WEIGHTS
-
-
-@pytest.mark.skipif(not SHIPPED.exists(), reason=f"{SHIPPED} not shipped yet (`make world` makes it)")
 @pytest.mark.parametrize("split", ["train", "heldout"])
 def test_shipped_evaluator_is_accurate_on_real_renders(split):
-    evaluator = Evaluator.load(SHIPPED.parent)
+    evaluator = Evaluator.load(WEIGHTS_DIR / "evaluator")
     size = evaluator.config["image_size"]
     scenes = [world.sample_scene(10**9 + i, split) for i in range(128)]
     images = torch.from_numpy(world.to_tensor_array([world.render(s, size) for s in scenes]))
