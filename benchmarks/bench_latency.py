@@ -17,7 +17,6 @@ Sana-Sprint's own 1.2 s / 0.21 s = 5.7x on an A100.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import signal
 import statistics
@@ -30,6 +29,7 @@ import httpx
 import torch
 
 from benchmarks.bench_serving import PROMPT, machine, start_server
+from benchmarks.provenance import transformer_sha256
 from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator
 from tbcm.models.pipeline import load_pipeline
 from tbcm.service.config import ServiceConfig
@@ -147,12 +147,6 @@ def headline(report: dict) -> dict:
     if "student" in http and "teacher" in http:
         result["end_to_end_speedup_http"] = round(http["teacher"]["p50_ms"] / http["student"]["p50_ms"], 2)
     return result
-
-
-def transformer_sha256(folder: Path) -> str:
-    """Which weights were measured (tools/docs_table.py ties the report to the shipped folder by it)."""
-    weights = Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors"
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict:

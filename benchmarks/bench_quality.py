@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import transformer_sha256
+from tbcm.models.pipeline import resolve_model
 from tbcm.world.evaluate import EvalConfig, evaluate
 
 METRICS = ("fd", "precision", "recall", "accuracy", "nfe", "images_per_s")  # per row; "real" rows have no images/s
@@ -52,6 +54,7 @@ def main() -> None:
             for split in args.splits.split(","):
                 result = evaluate(EvalConfig(model=name, steps=steps, prompts=split, n=args.n))
                 rows.append({"model": name, "steps": steps, "split": split,
+                             "transformer_sha256": transformer_sha256(resolve_model(name)),
                              **{k: result[k] for k in METRICS}})
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"\nQuality on the shapes world (n = {args.n} per row) — {machine}")

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tbcm.models.pipeline import shown_path
+from tbcm.service.config import ServiceConfig
+from tbcm.service.loadprompts import PromptMix
+from tbcm.service.loadrun import prompt_mix, run_load
+from tbcm.service.loadtest import LoadTestConfig
 
-from tbcm.service.config import ServiceConfig  # noqa: E402
-from tbcm.service.loadprompts import PromptMix  # noqa: E402
-from tbcm.service.loadrun import prompt_mix, run_load  # noqa: E402
-from tbcm.service.loadtest import LoadTestConfig  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "a small red circle in the middle"  # the in-process generator's warm-up
 SHED = {"200", "429", "503"}
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         model = args.model
     path = resolve_spec(model)  # a missing model is an error here, never a silent fallback
     info = json.loads((path / "tbcm.json").read_text()) if (path / "tbcm.json").exists() else {}
-    report = {"machine": machine(), "model": {"spec": "tiny" if args.tiny else model, "path": str(path),
+    report = {"machine": machine(), "model": {"spec": "tiny" if args.tiny else model, "path": shown_path(path),
                                               "manifest": info}, "phases": {}}
     phases = report["phases"]
     generator = load_generator(path, args.threads, args.microbatch)

@@ -5,9 +5,14 @@ Each folder is what `SanaPipeline(...).save_pretrained(...)` / `SanaSprintPipeli
 writes: a Gemma2 text encoder with a Gemma tokenizer built offline (a character-level BPE vocabulary, no merges),
 a DC-AE (`AutoencoderDC`, scaling factor 0.41407 as DC-AE f32c32 ships it), and the scheduler each family ships
 (Sana: DPM-Solver++ on flow sigmas; a dense-time teacher here: FlowMatchEuler; Sana-Sprint: SCMScheduler).
+
+From the command line (the repository root), for docs and smoke runs of the real-folder path (docs/operators.md):
+
+    .venv/bin/python -m tests.sana_folders --out runs/tiny-sana [--spec sana-dpm] [--seed 0]
 """
 from __future__ import annotations
 
+import argparse
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,3 +98,18 @@ def make_folder(spec: FolderSpec, out: Path, seed: int = 0) -> Path:
                transformer=transformer(spec), scheduler=scheduler(spec.scheduler))
     pipe.to(spec.dtype).save_pretrained(out, safe_serialization=True, variant=spec.variant)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.sana_folders", description="write a tiny random-weight "
+                                     "Sana / Sana-Sprint pipeline folder with plain diffusers calls")
+    parser.add_argument("--out", required=True, help="folder to write (its files are written over)")
+    parser.add_argument("--spec", choices=sorted(SPECS), default="sana-dpm",
+                        help="which folder: sana-dpm is a Sana teacher as Sana ships (DPM-Solver, timestep_scale 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    print(f"wrote {make_folder(SPECS[args.spec], Path(args.out), args.seed)} ({args.spec})")
+
+
+if __name__ == "__main__":
+    main()

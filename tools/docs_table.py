@@ -127,6 +127,13 @@ def block_numbers() -> str:
         s, t = rows[f"student-{key}"], rows[f"teacher-{key}"]
         lines.append(f"| FD / accuracy, **of record** | {fa(t)} | {fa(s)} | FD {ratio(s, t, 'fd')}, accuracy "
                      f"{ratio(s, t, 'accuracy')} | 2048, {label} | {machine} | {t1_src} |")
+    steps = {(r["model"], r["split"]): r for r in load(f"{RESULTS}/steps-n2048.json")["rows"]
+             if r.get("steps") in (1, 16)}
+    for split, label in (("train", "train"), ("heldout", "held out")):
+        t, s = steps[("teacher", split)], steps[("student", split)]
+        lines.append(f"| precision / recall (diversity) | {t['precision']:.3f} / {t['recall']:.3f} | "
+                     f"{s['precision']:.3f} / {s['recall']:.3f} | recall {ratio(s, t, 'recall')} | 2048, {label}, "
+                     f"seed 0 | {machine} | `python -m benchmarks.bench_quality`, `{RESULTS}/steps-n2048.json` |")
     for split, label in (("train", "train"), ("heldout", "held out")):
         t, s = teacher_eval[split], student_eval[split]
         lines.append(f"| FD / accuracy, folder's own eval | {fa(t)} | {fa(s)} | FD {ratio(s, t, 'fd')}, accuracy "
@@ -205,13 +212,22 @@ def block_seeds() -> str:
 
 
 def block_steps() -> str:
-    table, current = table1_current()
-    rows = table["rows"]
+    """docs/results.md: the shipped student at 1, 2 and 4 steps beside the teacher, with diversity (recall)."""
+    table = load(f"{RESULTS}/steps-n2048.json")
+    rows = {(r["model"], r.get("steps", 0), r["split"]): r for r in table["rows"]}
+    current = all(r["transformer_sha256"] == transformer_sha(f"weights/{r['model']}")
+                  for r in table["rows"] if r["model"] != "real")
     lines = [] if current else [f"**{STALE}**", ""]
-    lines += ["| student steps (NFE) | train: FD / accuracy | held out: FD / accuracy |", "|---|---|---|"]
-    for steps, prefix in ((1, "student"), (2, "student-steps2"), (4, "student-steps4")):
-        lines.append(f"| {steps} | {fa(rows[f'{prefix}-train'])} | {fa(rows[f'{prefix}-heldout'])} |")
-    lines.append(f"| teacher, 16 (32) | {fa(rows['teacher-train'])} | {fa(rows['teacher-heldout'])} |")
+    lines += ["| model, steps (NFE) | train: FD / accuracy | train: precision / recall | held out: FD / accuracy "
+              "| held out: precision / recall |", "|---|---|---|---|---|"]
+    for model, steps, label in (("student", 1, "student, 1 (1)"), ("student", 2, "student, 2 (2)"),
+                                ("student", 4, "student, 4 (4)"), ("teacher", 16, "teacher, 16 (32)")):
+        cells = [f"{fa(r)} | {r['precision']:.3f} / {r['recall']:.3f}"
+                 for r in (rows[(model, steps, split)] for split in ("train", "heldout"))]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    recall = [rows[("student", 1, split)]["recall"] / rows[("teacher", 16, split)]["recall"]
+              for split in ("train", "heldout")]
+    lines += ["", f"One-step recall against the teacher's: {recall[0]:.2f}x (train), {recall[1]:.2f}x (held out)."]
     return "\n".join(lines)
 
 

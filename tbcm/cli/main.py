@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tbcm.cli import deploy as deploy_commands
 from tbcm.cli import distill as distill_commands
 from tbcm.cli import service as service_commands
 from tbcm.cli import world as world_commands
@@ -13,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tbcm", description="TBCM distillation of Sana-family text-to-image "
                                      "models, and serving of the one-step student.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (world_commands, distill_commands, service_commands):
+    for module in (world_commands, distill_commands, service_commands, deploy_commands):
         module.register(sub)
     return parser
 

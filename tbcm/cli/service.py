@@ -49,6 +49,7 @@ def serve(args) -> int:
     each one wipes it at start; BentoML reads the folder from its container (what its own pytest plugin sets), and
     hands it to the worker as PROMETHEUS_MULTIPROC_DIR."""
     from tbcm.service.config import ServiceConfig
+    from tbcm.models.pipeline import shown_path
     from tbcm.service.runtime import resolve_spec
 
     config = config_from_args(ServiceConfig, args)
@@ -58,7 +59,7 @@ def serve(args) -> int:
     from bentoml_cli.cli import cli
 
     with tempfile.TemporaryDirectory(prefix=f"tbcm-metrics-{args.port}-") as metrics_dir:
-        print(f"tbcm serve: model {config.model!r} -> {path}; serving on http://{args.host}:{args.port}; "
+        print(f"tbcm serve: model {config.model!r} -> {shown_path(path)}; serving on http://{args.host}:{args.port}; "
               f"metrics in {metrics_dir}", file=sys.stderr, flush=True)
         BentoMLContainer.prometheus_multiproc_dir.set(metrics_dir)
         cli.main(["serve", SERVICE_IMPORT, "--port", str(args.port), "--host", args.host, "--working-dir",
@@ -78,15 +79,9 @@ def loadtest(args) -> int:
 
 
 def swap(args) -> int:
-    import httpx
+    from tbcm.service.client import ServiceClient, admin_token
 
-    from tbcm.service.config import ADMIN_TOKEN_ENV
-
-    token = os.environ.get(ADMIN_TOKEN_ENV)
-    if not token:
-        raise ValueError(f"set {ADMIN_TOKEN_ENV} to the service's admin token")
-    response = httpx.post(args.url.rstrip("/") + "/admin/swap", json={"model": args.model},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=args.timeout)
+    response = ServiceClient(args.url).swap(args.model, admin_token(), args.timeout)
     print(json.dumps(response.json(), indent=2))
     return 0 if response.status_code == 200 else 1
 
@@ -94,11 +89,11 @@ def swap(args) -> int:
 def store_model(args) -> None:
     import bentoml
 
-    from tbcm.models.pipeline import resolve_model
+    from tbcm.models.pipeline import resolve_model, shown_path
 
     path = resolve_model(args.model)
     info = json.loads((path / "tbcm.json").read_text()) if (path / "tbcm.json").exists() else {}
     with bentoml.models.create(args.name, labels={"kind": str(info.get("kind", "unknown"))},
                                metadata={"source": str(path)}) as model:
         shutil.copytree(path, model.path, dirs_exist_ok=True)
-    print(f"stored {path} as {model.tag} (serve it with --model {model.tag})")
+    print(f"stored {shown_path(path)} as {model.tag} (serve it with --model {model.tag})")

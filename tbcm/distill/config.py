@@ -21,8 +21,9 @@ class DistillConfig(TrainConfig):
                                           #   tbcm+synthetic, tbcm+synthetic+dmd, synthetic-scm, data-scm,
                                           #   data-scm+dmd); options given beside it override its values; "": none
     teacher: str = "teacher"              # teacher pipeline folder or shipped name
-    prompts: str = "world"                # prompt file (one per line; no images, no evaluator), or "world": the
-                                          #   embedded world's captions, renders and evaluator (tbcm/cli/distill.py)
+    prompts: str = "world"                # prompt file (one per line, or .jsonl with "prompt" keys; no images, no
+                                          #   evaluator), or "world": the embedded world's captions, renders and,
+                                          #   for a shapes-world teacher, evaluator (tbcm/cli/distill.py)
     out: str = "runs/distill"             # run folder: checkpoint, metrics.jsonl, samples, export/
     pairs: str = "trajectory"             # "trajectory" (TBCM, image-free) or "data" (sCM on captioned images)
     rollouts: str | None = None           # folder of `tbcm rollout` shards to read instead of rolling out
@@ -67,9 +68,12 @@ class DistillConfig(TrainConfig):
     export_extrapolation: float = 1.0     # export teacher + this x (EMA student - teacher) (ExPO); 1: as trained
                                           #   (past 1 it carries the training's weight change further)
     sample_every: int = 100               # steps between sample grids (1, 2 and 4 steps)
-    eval_every: int = 100                 # steps between evaluations of the 1-step student (0: off; runs without
-                                          #   an evaluator have none): FD-vs-time curves in eval_curve.jsonl
-    eval_n: int = 256                     # images per periodic evaluation
+    eval_every: int = 100                 # steps between evaluations of the student (0: off): teacher agreement
+                                          #   and, for a shapes-world teacher, the evaluator's 1-step FD, in
+                                          #   eval_curve.jsonl
+    eval_n: int = 256                     # images per periodic shapes-evaluator evaluation
+    agreement_n: int = 8                  # images of the teacher-agreement evaluation (the sample prompts cycled,
+                                          #   seeds 0..n-1; tbcm/distill/agreement.py), periodic and at export; 0: off
     ladd: bool = False                    # add Sana-Sprint's adversarial branch (Sana-Sprint §3.3; TBCM pairs use
                                           #   their rollout endpoints as the real side)
     ladd_weight: float = 0.5              # L = L_sCM + ladd_weight L_G (Sana-Sprint Tab. 5)
@@ -108,6 +112,8 @@ class DistillConfig(TrainConfig):
                              f"got {self.export_extrapolation}")
         if self.text_microbatch < 1:
             raise ValueError(f"--text-microbatch must be >= 1 (captions per encoder pass), got {self.text_microbatch}")
+        if self.agreement_n < 0:
+            raise ValueError(f"--agreement-n must be >= 0 (0: no teacher agreement), got {self.agreement_n}")
         if not 0 < self.guidance_max_sigma <= 1:
             raise ValueError(f"--guidance-max-sigma is a flow sigma in (0, 1] (1: CFG at every step), "
                              f"got {self.guidance_max_sigma}")

@@ -3,6 +3,7 @@ transformer weights (rollout shards and export manifests record it)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from tbcm.models.pipeline import Pipeline, load_pipeline
@@ -29,6 +30,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def portable_path(path: str | None) -> str | None:
+    """A path as a manifest records it: never absolute (a manifest names no folder of the machine it was made on),
+    but relative to the current directory: "runs/x" for a path inside it, "../runs/x" beside it."""
+    if not path or not Path(path).is_absolute():
+        return path
+    return os.path.relpath(path)
+
+
 def teacher_fingerprint(teacher: Pipeline) -> dict:
     weights = sorted((teacher.path / "transformer").glob("*.safetensors"))
-    return {"path": str(teacher.path), "transformer_sha256": {p.name: file_sha256(p) for p in weights}}
+    return {"path": portable_path(str(teacher.path)), "transformer_sha256": {p.name: file_sha256(p) for p in weights}}

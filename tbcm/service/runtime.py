@@ -30,8 +30,13 @@ WARMUP_STEPS = 4  # warm up (and time) step counts 1..this, as far as the model 
 EMA_WEIGHT = 0.3  # weight of a faster newest batch in the running per-chunk time (slower ones count fully)
 
 
+class ModelNotFound(PipelineError):
+    """No shipped name, folder or model-store tag of that name."""
+
+
 def resolve_spec(spec: str) -> Path:
-    """A shipped name or pipeline folder, else a BentoML model-store tag -> the pipeline folder."""
+    """A shipped name or pipeline folder, else a BentoML model-store tag -> the pipeline folder; ModelNotFound
+    when it is neither."""
     try:
         return resolve_model(spec)
     except PipelineError as folder_error:
@@ -41,7 +46,7 @@ def resolve_spec(spec: str) -> Path:
         try:
             return Path(bentoml.models.get(spec).path)
         except (NotFound, BentoMLException, ValueError):
-            raise PipelineError(f"model {spec!r}: {folder_error}; and no BentoML model-store tag {spec!r} "
+            raise ModelNotFound(f"model {spec!r}: {folder_error}; and no BentoML model-store tag {spec!r} "
                                 f"(see `bentoml models list`)") from None
 
 
@@ -63,9 +68,15 @@ def check_swap_spec(spec: str, roots: list[str]) -> None:
 
 def manifest_sha256(pipe: Pipeline) -> str:
     """SHA-256 of the folder's tbcm.json as stored (of its parsed contents when the folder has none)."""
-    manifest = pipe.path / "tbcm.json" if pipe.path is not None else None
-    data = manifest.read_bytes() if manifest is not None and manifest.exists() else \
-        json.dumps(pipe.info, sort_keys=True).encode()
+    if pipe.path is not None and (pipe.path / "tbcm.json").exists():
+        return folder_manifest_sha256(pipe.path)
+    return hashlib.sha256(json.dumps(pipe.info, sort_keys=True).encode()).hexdigest()
+
+
+def folder_manifest_sha256(folder: Path) -> str:
+    """What /info reports as manifest_sha256 for a model served from `folder` (read here, without loading it)."""
+    manifest = Path(folder) / "tbcm.json"
+    data = manifest.read_bytes() if manifest.exists() else json.dumps({}).encode()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -149,7 +160,7 @@ class LoadedModel:
     def cached_prompts(self, prompts: list[str]) -> int:
         """How many of these distinct prompts the text encoder has cached (read on the generator thread, the only
         one that encodes, right before the call)."""
-        return sum(prompt in self.pipe.text._cache for prompt in prompts)
+        return sum(self.pipe.text.is_cached(prompt) for prompt in prompts)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, size: int, guidance: list[float],
                  delay_s: float = 0.0):
@@ -192,7 +203,8 @@ def load_model(spec: str, config: ServiceConfig) -> LoadedModel:
             generator.check(generator.default_steps, size)
         except ValueError as err:
             raise PipelineError(f"model {spec!r}: configured sizes: {err}") from None
-    return LoadedModel(spec, pipe, generator, sizes, BatchTimeModel(config.microbatch), manifest_sha256(pipe))
+    return LoadedModel(spec, pipe, generator, sizes, BatchTimeModel(config.microbatch),
+                       manifest_sha256(pipe))
 
 
 def warm_up_calls(model: LoadedModel) -> list[Callable[[], object]]:

@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from tbcm.models.generator import DEFAULT_GUIDANCE
 from tbcm.models.text import PromptTooLong
@@ -51,7 +51,23 @@ def not_blank(value: str) -> str:
     return value
 
 
+def json_integer(value):
+    """JSON Schema's integer: an integral number, so 4.0 is one (and is read as 4); 4.5, "4" and true are not (strict
+    int refuses them)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_boolean(value):
+    """Only true or false: a Literal compares by equality, so Literal[False] alone would take 0 and 0.0."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be a boolean, got {kind(value)}")
+    return value
+
+
 Text = Annotated[str, AfterValidator(unicode_text)]
+Integer = Annotated[int, BeforeValidator(json_integer)]  # every integer field: its schema says "integer"
+OptionalInteger = Annotated[Optional[int], BeforeValidator(json_integer)]  # not Optional[Integer]: pydantic then
+                                                                          # writes ge/le, not minimum/maximum
 
 
 @dataclass(frozen=True)
@@ -86,10 +102,10 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         "accepted and has no effect (embedded guidance; reported in X-Ignored-Fields)"))]
     common = dict(
         prompt=(prompt, ...),
-        n=(int, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
-        seed=(Optional[int], Field(None, ge=0, le=MAX_SEED, description=(
+        n=(Integer, Field(1, ge=1, le=limits.max_n, description="images; image i uses seed + i")),
+        seed=(OptionalInteger, Field(None, ge=0, le=MAX_SEED, description=(
             "seed of the first image (random when absent); seed + n - 1 must not exceed 4294967295"))),
-        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")),
+        steps=(Integer, Field(limits.default_steps, ge=1, le=limits.max_steps, description="sampling steps")),
         guidance=(float, Field(DEFAULT_GUIDANCE, ge=0, le=limits.max_guidance, description="guidance scale")),
         negative_prompt=negative)
     sizes = Literal[limits.sizes]
@@ -98,7 +114,7 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         "GenerateRequest", __config__=STRICT, **common,
         size=(sizes, Field(limits.sizes[0], description="side of the square image in pixels")),
         format=(formats, Field(limits.default_format, description="image format")),
-        quality=(int, Field(limits.default_quality, ge=1, le=100, description="JPEG/WebP quality")))
+        quality=(Integer, Field(limits.default_quality, ge=1, le=100, description="JPEG/WebP quality")))
     size_names = Literal[("auto", *(f"{s}x{s}" for s in limits.sizes))]
     no_effect = {name: (Optional[Text], Field(None, max_length=limits.max_prompt_chars, description=(
         "accepted and has no effect (X-Ignored-Fields)" if name != "model" else
@@ -109,11 +125,12 @@ def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         size=(size_names, Field("auto", description="WIDTHxHEIGHT, square; auto is the model's default")),
         response_format=(Literal["b64_json"], Field("b64_json", description="only b64_json (no URLs)")),
         output_format=(formats, Field("png")),
-        output_compression=(int, Field(100 - limits.default_quality, ge=0, le=100,
+        output_compression=(Integer, Field(100 - limits.default_quality, ge=0, le=100,
                                        description="quality = 100 - output_compression (JPEG/WebP)")),
         background=(Literal["auto", "opaque"], Field("auto")),
-        stream=(Literal[False], Field(False, description="streaming is not supported")),
-        partial_images=(Literal[0], Field(0, description="partial images are not supported")))
+        stream=(Annotated[Literal[False], BeforeValidator(json_boolean)],
+                Field(False, description="streaming is not supported")),
+        partial_images=(Integer, Field(0, ge=0, le=0, description="partial images are not supported")))
     return native, openai
 
 
@@ -173,9 +190,11 @@ def allowed(schema: dict) -> str:
         return "one of " + ", ".join(v if isinstance(v, str) else json.dumps(v) for v in values)
     if spec.get("type") in ("integer", "number"):
         noun = "an integer" if spec["type"] == "integer" else "a number"
+        if "minimum" not in spec or "maximum" not in spec:
+            return noun
         return f"{noun} between {_number(spec['minimum'])} and {_number(spec['maximum'])}"
     if spec.get("type") == "string":
-        return f"a string of {spec.get('minLength', 0)} to {spec['maxLength']} characters"
+        return f"a string of {spec.get('minLength', 0)} to {spec.get('maxLength', 'any number of')} characters"
     return spec.get("type", "a value")
 
 
@@ -192,7 +211,7 @@ def _invalid(error: dict, model: type[BaseModel]) -> InvalidRequest:
     if error["type"] == "value_error":
         return InvalidRequest(name, f"{name} {error['ctx']['error']}")
     value = error["input"]
-    got = kind(value) if error["type"].endswith("_type") else _shown(value)
+    got = kind(value) if error["type"].endswith("_type") and kind(value) != "number" else _shown(value)
     return InvalidRequest(name, f"{name} must be {allowed(fields[name])}, got {got}")
 
 

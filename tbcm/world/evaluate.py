@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from tbcm.world import world
 from tbcm.world.evaluator import Evaluator, attribute_accuracy, attribute_errors, frechet_distance, measure, targets_of
 from tbcm.world.manifold import precision_recall
+from tbcm.models.card import is_shapes_world
 from tbcm.models.generator import DEFAULT_GUIDANCE, Generator
 from tbcm.models.pipeline import WEIGHTS_DIR, Pipeline, load_pipeline
 from tbcm.models.training import save_grid
@@ -59,8 +61,11 @@ def evaluate(config: EvalConfig, pipeline: Pipeline | None = None) -> dict:
         images = world.render_tensor(scenes, size)
         result |= {"nfe": 0, "images_per_s": None, "steps": 0}
     else:
-        generator = Generator(pipeline or load_pipeline(config.model), intermediate_times=config.intermediate_times,
-                              sampler=config.sampler)
+        pipeline = pipeline or load_pipeline(config.model)
+        if not is_shapes_world(pipeline.info):
+            warnings.warn(f"{config.model} is not a shapes-world folder (its tbcm.json records no vae_run): the shapes "
+                          f"evaluator's numbers say little about it; a distillation reports its teacher agreement")
+        generator = Generator(pipeline, intermediate_times=config.intermediate_times, sampler=config.sampler)
         steps = config.steps or generator.default_steps
         generator.generate([scenes[0].caption], [0], steps, config.guidance)  # warm-up, not timed
         chunks, elapsed = [], 0.0

@@ -37,6 +37,7 @@ class SceneImages:
 
 
 def student_metrics(student: Pipeline, n: int, split: str) -> dict:
-    """1-step FD, precision and recall, attribute accuracy, NFE and images/s of a student on n prompts of a split (`tbcm eval`'s)."""
+    """1-step FD, precision and recall, attribute accuracy, NFE and images/s of a student on n prompts of a split
+    (`tbcm eval`'s)."""
     result = evaluate(EvalConfig(model="student", steps=1, prompts=split, n=n), student)
     return {key: result[key] for key in STUDENT_METRICS}

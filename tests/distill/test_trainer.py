@@ -307,7 +307,7 @@ class NoiseImages:
         return [f"picture {i}" for i in range(n)], torch.rand(n, 3, size, size) * 2 - 1
 
 
-def test_a_prompt_file_distils_with_no_world_and_no_evaluator(tiny_teacher_dir, tmp_path):
+def test_a_prompt_file_distils_with_no_world_and_no_evaluator_but_teacher_agreement(tiny_teacher_dir, tmp_path):
     from tbcm.cli.main import main
     from tbcm.distill.sources import Sources, prompt_file_sources
 
@@ -317,11 +317,15 @@ def test_a_prompt_file_distils_with_no_world_and_no_evaluator(tiny_teacher_dir, 
     run, student = tmp_path / "run", tmp_path / "student"
     assert main(["distill", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompts), "--out", str(run),
                  "--prompts-per-step", "2", "--route-points", "4", "--points-per-trajectory", "3", "--steps", "2",
-                 "--sample-every", "2", "--eval-every", "1", "--export", str(student), "--export-eval-n", "4"]) == 0
-    assert sorted(losses(run)) == [1, 2] and not (run / "eval_curve.jsonl").exists()  # no evaluator: no evals
+                 "--sample-every", "2", "--eval-every", "1", "--agreement-n", "2", "--export", str(student),
+                 "--export-eval-n", "4"]) == 0
+    curve = [json.loads(line) for line in (run / "eval_curve.jsonl").read_text().splitlines()]
+    assert sorted(losses(run)) == [1, 2] and [row["step"] for row in curve] == [0, 1, 2]
+    assert all(set(row) == {"step", "train_time_s", "teacher-agreement"} for row in curve)  # no evaluator: no FD
     assert (run / "samples" / "prompts.txt").read_text().splitlines() == prompts_in(prompts)
     manifest = json.loads((student / "tbcm.json").read_text())["manifest"]
     assert manifest["eval"] == {} and manifest["eval_status"].startswith("not run: no evaluator")
+    assert manifest["evaluations"] == ["teacher-agreement"] and manifest["teacher_agreement"]["n"] == 2
     with pytest.raises(ValueError, match=f"--pairs data needs captioned images, and --prompts {prompts} gives"):
         Distiller(DistillConfig(teacher=str(tiny_teacher_dir), prompts=str(prompts), out=str(tmp_path / "data"),
                                 pairs="data", **TINY), prompt_file_sources(str(prompts)))
@@ -332,6 +336,12 @@ def test_a_prompt_file_distils_with_no_world_and_no_evaluator(tiny_teacher_dir, 
     assert sorted(losses(tmp_path / "data")) == [1]
     with pytest.raises(FileNotFoundError, match="--prompts nowhere.txt: file not found"):
         prompt_file_sources("nowhere.txt")
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": " A cat ", "id": 3}\n\n"a dog"\n{"text": "a fox"}\n')
+    with pytest.raises(ValueError, match=r'prompts.jsonl, line 4: expected \{"prompt": "..."\} or a JSON string'):
+        prompt_file_sources(str(jsonl))
+    jsonl.write_text('{"prompt": " A cat ", "id": 3}\n\n"a dog"\n')
+    assert prompt_file_sources(str(jsonl)).prompts == ["A cat", "a dog"]
 
 
 def prompts_in(path: Path) -> list[str]:

@@ -20,7 +20,8 @@ from diffusers import SanaPipeline, SanaSprintPipeline
 from sana_folders import IMAGE_SIZE, SPECS, make_folder
 
 from tbcm.models.generator import Generator
-from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline, model_card
+from tbcm.models.card import model_card
+from tbcm.models.pipeline import WEIGHTS_DIR, load_pipeline
 from tbcm.models.sampling import cfg_flow_model, flow_model
 
 PROMPTS = {
@@ -156,7 +157,7 @@ def test_shipped_model_card_is_the_one_its_folder_gives(name):
     info = json.loads((WEIGHTS_DIR / name / "tbcm.json").read_text())
     want = model_card(load_pipeline(name), info, f"weights/{name}")
     assert (WEIGHTS_DIR / name / "README.md").read_text() == want, (
-        f"weights/{name}/README.md is stale: rewrite it with model_card (tbcm.models.pipeline)")
+        f"weights/{name}/README.md is stale: rewrite it with model_card (tbcm.models.card)")
 
 
 def card_call(name: str) -> str:

@@ -149,3 +149,11 @@ def test_bfloat16_pipeline_agrees_with_float32(tiny_student_dir, student_pipe, s
     half = Generator(half_pipe).generate(prompts, seeds, steps).images.int()
     assert half.shape == full.shape
     assert (half - full).abs().max() <= 12 and (half - full).abs().float().mean() < 2.0  # bf16: ~3 digits
+
+
+def test_generation_latents_are_what_is_decoded(student_pipe):
+    out = Generator(student_pipe).generate(["a red circle"], [4], 2)
+    with torch.no_grad():
+        decoded = student_pipe.vae.decode(out.latents / student_pipe.vae.config.scaling_factor).sample
+    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert (images.int() - out.images.int()).abs().max() <= 1

@@ -241,8 +241,11 @@ def test_folder_without_text_encoder_loads_the_package_encoder(tmp_path):
     # and copy_text_encoder=True writes it in and drops the reference
     out = save_pipeline(pipe, tmp_path / "copied", copy_text_encoder=True)
     assert (out / "text_encoder" / "config.json").exists()
-    assert "text_encoder_package" not in json.loads((out / "tbcm.json").read_text())
+    info = json.loads((out / "tbcm.json").read_text())
+    assert "text_encoder_package" not in info and info["text_encoder_copied_from"] == TEXT_ENCODER_PACKAGE
     assert load_pipeline(out).text.width == 384
+    card = (out / "README.md").read_text()  # names the encoder it copied in, and needs no argument for it
+    assert "all-MiniLM-L6-v2 (Apache-2.0; copied from" in card and "text_encoder=" not in card
 
 
 @pytest.fixture(scope="module")

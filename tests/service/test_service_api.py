@@ -166,6 +166,8 @@ BAD_NATIVE = [
     ({"prompt": PROMPT, "quality": 101}, "quality", "between 1 and 100"),
     ({"prompt": PROMPT, "negative_prompt": 3}, "negative_prompt", "must be a string"),
     ({"prompt": PROMPT, "seeds": [1]}, "seeds", "unknown field"),
+    ({"prompt": PROMPT, "seed": {}}, "seed", "must be an integer between 0 and 4294967295, got object"),
+    ({"prompt": PROMPT, "n": 2.5}, "n", "must be an integer between 1 and 4, got 2.5"),
 ]
 
 BAD_OPENAI = [
@@ -182,7 +184,30 @@ BAD_OPENAI = [
     ({"prompt": PROMPT, "n": 7}, "n", "between 1 and 4"),
     ({"prompt": PROMPT, "style": 1}, "style", "must be a string"),
     ({"prompt": PROMPT, "svg": {}}, "svg", "unknown field"),
+    ({"prompt": PROMPT, "stream": 0}, "stream", "stream must be a boolean, got number"),
+    ({"prompt": PROMPT, "partial_images": False}, "partial_images", "between 0 and 0, got boolean"),
+    ({"prompt": PROMPT, "partial_images": 1}, "partial_images", "between 0 and 0, got 1"),
 ]
+
+
+def test_integral_numbers_are_integers_as_the_schema_says(client):
+    """JSON Schema counts 4.0 as an integer: accepted wherever an integer is, and read as one."""
+    whole = client.post("/generate", json={"prompt": PROMPT, "n": 2, "seed": 3, "steps": 2})
+    floats = client.post("/generate", json={"prompt": PROMPT, "n": 2.0, "seed": 3.0, "steps": 2.0, "size": 16.0})
+    assert floats.status_code == 200 and floats.json() == whole.json()
+    openai = client.post("/v1/images/generations", json={"prompt": PROMPT, "partial_images": 0.0,
+                                                          "output_compression": 10.0, "stream": False})
+    assert openai.status_code == 200
+
+
+def test_every_field_states_what_it_allows(client):
+    from tbcm.service.schema import allowed
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("GenerateRequest", "ImagesGenerationRequest", "SwapRequest"):
+        for field, spec in schemas[name]["properties"].items():
+            assert allowed(spec) and "{" not in allowed(spec), (name, field)
+    assert allowed(schemas["GenerateRequest"]["properties"]["seed"]) == "an integer between 0 and 4294967295"
 
 
 @pytest.mark.parametrize("path,body,param,message", [("/generate", *case) for case in BAD_NATIVE] +
@@ -233,6 +258,10 @@ def test_wrong_methods_and_paths_answer_our_json_errors(client):
         missing = client.request(method, "/nope")
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
     assert client.get("/docs.json").status_code == 200  # BentoML's routes behind ours still answer
+    for path in ("/livez", "/readyz", "/metrics"):  # BentoML's GET routes, before ours
+        response = client.put(path)
+        assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD", path
+        assert response.json()["error"]["message"] == f"PUT is not allowed on '{path}'"
 
 
 def test_models_lists_the_live_model_and_another_name_is_404(client, tiny_student_dir):
@@ -248,7 +277,7 @@ def test_openapi_document_covers_every_endpoint_with_the_enforced_limits(make_se
     client = make_service(max_n=3)
     document = client.get("/openapi.json").json()
     assert {"/generate", "/v1/images/generations", "/v1/models", "/info", "/admin/swap", "/openapi.json",
-            "/docs", "/livez", "/readyz", "/metrics"} <= set(document["paths"])
+            "/docs", "/livez", "/healthz", "/readyz", "/metrics"} <= set(document["paths"])
     schemas = document["components"]["schemas"]
     native = schemas["GenerateRequest"]["properties"]
     assert native["n"]["maximum"] == 3 and native["steps"]["maximum"] == 4 and native["size"]["const"] == 16
@@ -259,7 +288,7 @@ def test_openapi_document_covers_every_endpoint_with_the_enforced_limits(make_se
     assert {"200", "400", "413", "415", "429", "503", "504"} <= set(generate["responses"])
     assert generate["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
     assert document["paths"]["/admin/swap"]["post"]["security"] == [{"bearer": []}]
-    assert "401" in document["paths"]["/admin/swap"]["post"]["responses"]
+    assert {"401", "403", "404", "409"} <= set(document["paths"]["/admin/swap"]["post"]["responses"])
     page = client.get("/docs")
     assert page.status_code == 200 and "/openapi.json" in page.text
     assert client.get("/static_content/swagger-ui-bundle.js").status_code == 200  # BentoML's copy, no CDN
@@ -292,8 +321,10 @@ def test_admin_swap_loads_only_from_the_model_roots(make_service, monkeypatch, s
         refused = client.post("/admin/swap", json={"model": str(outside)}, headers=good)
         assert refused.status_code == 403 and "model roots" in refused.json()["error"]["message"]
     missing = client.post("/admin/swap", json={"model": str(second_student_dir.parent / "missing")}, headers=good)
-    assert missing.status_code == 400 and "expected a pipeline folder" in missing.json()["error"]["message"]
-    assert REGISTRY.get_sample_value("tbcm_swap_failures_total") == failures + 4
+    assert missing.status_code == 404 and "expected a pipeline folder" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["code"] == "model_not_found"
+    assert client.post("/admin/swap", json={"model": "no-such:tag"}, headers=good).status_code == 404
+    assert REGISTRY.get_sample_value("tbcm_swap_failures_total") == failures + 5
     assert client.get("/info").json()["model"]["spec"] != str(second_student_dir)
     swapped = client.post("/admin/swap", json={"model": str(second_student_dir)}, headers=good)
     assert swapped.status_code == 200 and swapped.json()["live"]["path"] == str(second_student_dir)

@@ -214,3 +214,34 @@ def test_swaps_may_only_name_shipped_models_tags_or_folders_under_the_roots(tmp_
     for spec in (str(tmp_path / "other"), str(root / ".." / "other"), "/etc", str(root) + "-evil/x", "v2"):
         with pytest.raises(OutsideModelRoots, match="model roots"):
             check_swap_spec(spec, [str(root)])
+
+
+def test_counting_prompt_tokens_beside_encoding_never_unpads_a_batch(student_pipe):
+    """A fast tokenizer's padding settings are shared state that every call rewrites: unserialised, token counts on
+    other threads made about 1 in 20 padded batches come out ragged (a 500 under load). TextEncoder serialises
+    every tokenizer call, so the HTTP thread counts with the generator's own encoder."""
+    import threading
+
+    text = student_pipe.text
+    stop, failures = threading.Event(), []
+    want = text.count_tokens("a small red circle in the middle of it all")
+
+    def count():
+        while not stop.is_set():
+            if text.count_tokens("a small red circle in the middle of it all") != want:
+                failures.append("count")
+
+    counters = [threading.Thread(target=count) for _ in range(3)]
+    for thread in counters:
+        thread.start()
+    try:
+        for i in range(300):
+            try:
+                text.encode([f"a red circle {i}", f"two big blue squares at the top left {i}"])  # uncached: tokenized
+            except (ValueError, RuntimeError) as err:
+                failures.append(err)
+    finally:
+        stop.set()
+        for thread in counters:
+            thread.join()
+    assert not failures

@@ -1,0 +1,120 @@
+"""`tbcm deploy`: a candidate student is scored against the live model (same n, same seeds) and refused below its
+bar with the reason, the live model unchanged; one that passes goes live through /admin/swap. The service runs
+in-process; the evaluator is a tiny random one, as in tests/world."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tbcm.cli import deploy
+from tbcm.cli.main import main
+from tbcm.service.client import ServiceClient
+from tbcm.service.gate import GateConfig, compare, recorded_scores
+
+N = 16  # images per split: enough for a tiny FD, milliseconds with the tiny student
+TOKEN = "deploy-token"
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tmp_path_factory):
+    from tbcm.world.evaluator import Evaluator
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("evaluator")
+    Evaluator(width=8, features=16, image_size=16).save(folder)
+    return folder
+
+
+def perturbed_copy(folder, out, noise: float):
+    """The folder with Gaussian noise of this std added to every transformer weight (its tbcm.json unchanged)."""
+    shutil.copytree(folder, out)
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    generator = torch.Generator().manual_seed(1)
+    tensors = load_file(weights)
+    save_file({k: v + noise * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}, weights)
+    return out
+
+
+@pytest.fixture
+def deploy_to(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread):
+    """deploy_to(folder, *args) -> (exit code, the live model's spec after it); the live model: the tiny student."""
+    client = make_service(model_roots=str(tmp_path))
+    monkeypatch.setenv("TBCM_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setattr(deploy, "connect", lambda url: ServiceClient(url, http=client))
+
+    def run(folder, *args):
+        code = main(["deploy", str(folder), "--url", "http://testserver", "--n", str(N),
+                     "--evaluator", str(tiny_evaluator), *args])
+        return code, client.get("/info").json()["model"]["spec"]
+
+    return run
+
+
+def test_a_worse_student_is_refused_with_the_reason_and_a_good_one_goes_live(deploy_to, tiny_student_dir, tmp_path,
+                                                                             capsys):
+    worse = perturbed_copy(tiny_student_dir, tmp_path / "worse", noise=0.3)
+    code, live = deploy_to(worse)
+    refusal = capsys.readouterr().err
+    assert code == 1 and live == str(tiny_student_dir)
+    assert "refused" in refusal and "fd: candidate" in refusal and "fd_tolerance 0.05" in refusal
+    assert f"{str(tiny_student_dir)!r} stays live" in refusal
+    good = shutil.copytree(tiny_student_dir, tmp_path / "good")  # scores as the live one: within every bound
+    code, live = deploy_to(good)
+    out = capsys.readouterr().out
+    assert code == 0 and live == str(good)
+    assert "precision" in out and "recall" in out and "scored here" in out and "deployed" in out
+
+
+def test_a_folder_the_shapes_evaluator_cannot_score_needs_no_gate(deploy_to, tiny_student_dir, tmp_path, capsys):
+    size32 = shutil.copytree(tiny_student_dir, tmp_path / "size32")
+    info = json.loads((size32 / "tbcm.json").read_text())
+    (size32 / "tbcm.json").write_text(json.dumps({**info, "image_size": 32}))
+    code, live = deploy_to(size32)
+    assert code == 2 and live == str(tiny_student_dir)
+    assert "cannot be scored by the shapes world's evaluator" in capsys.readouterr().err
+    teacher_like = shutil.copytree(tiny_student_dir, tmp_path / "teacher-like")
+    (teacher_like / "tbcm.json").write_text(json.dumps({**info, "kind": "teacher"}))
+    assert deploy_to(teacher_like)[0] == 2 and "it is a teacher, not a one-step student" in capsys.readouterr().err
+    assert deploy_to(teacher_like, "--no-gate") == (0, str(teacher_like))
+
+
+def gated(fd_train: float, accuracy_heldout: float) -> dict:
+    return {"train": {"fd": fd_train, "accuracy": 0.9, "precision": 0.5},
+            "heldout": {"fd": 10.0, "accuracy": accuracy_heldout}}
+
+
+def test_each_split_and_metric_must_meet_its_bound():
+    config = GateConfig(fd_tolerance=0.1, accuracy_tolerance=0.02)
+    live = gated(10.0, 0.9)
+    assert compare(gated(10.9, 0.881), live, config, "here").passed
+    verdict = compare(gated(11.2, 0.87), live, config, "here")
+    assert [(r["split"], r["metric"]) for r in verdict.failures] == [("train", "fd"), ("heldout", "accuracy")]
+    assert verdict.reason(config) == ("train fd: candidate 11.2, live 10, allowed <= 11 (fd_tolerance 0.1); "
+                                      "heldout accuracy: candidate 0.87, live 0.9, allowed >= 0.88 "
+                                      "(accuracy_tolerance 0.02)")
+
+
+def test_recorded_scores_stand_in_only_at_the_same_n_seed_and_evaluator():
+    evals = gated(10.0, 0.9)
+    info = {"manifest": {"eval": evals, "eval_status": "run: 256 images per split"}}
+    assert recorded_scores(info, GateConfig())[0] == evals
+    assert "at n 256, the gate's n is 64" in recorded_scores(info, GateConfig(n=64))[1]
+    assert recorded_scores(info, GateConfig(seed=1))[0] is None
+    assert recorded_scores({"manifest": {"eval": evals, "eval_n": 64}}, GateConfig(n=64))[0] == evals
+    assert "no scores at a stated n" in recorded_scores({"manifest": {"eval": evals}}, GateConfig())[1]
+    assert "no eval scores" in recorded_scores({}, GateConfig())[1]
+
+
+def test_the_live_models_manifest_numbers_are_used_only_when_its_folder_is_not_here(monkeypatch, tmp_path):
+    recorded = gated(10.0, 0.9)
+    live = {"spec": "student", "path": str(tmp_path / "elsewhere"), "manifest_sha256": "0" * 64,
+            "manifest": {"manifest": {"eval": recorded, "eval_status": "run: 256 images per split"}}}
+    monkeypatch.setattr(deploy, "score", lambda folder, config: pytest.fail("nothing to score here"))
+    scores, source = deploy.live_scores(live, GateConfig(), None)
+    assert scores == recorded and "not on this machine" in source and "recorded in its manifest" in source
+    with pytest.raises(deploy.GateError, match="no bar to compare with.*n 256, the gate's n is 32"):
+        deploy.live_scores(live, GateConfig(n=32), None)
