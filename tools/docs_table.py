@@ -139,7 +139,8 @@ def block_numbers() -> str:
         lines.append(f"| FD / accuracy, folder's own eval | {fa(t)} | {fa(s)} | FD {ratio(s, t, 'fd')}, accuracy "
                      f"{ratio(s, t, 'accuracy')} | 512, {label}, seed 0 | 2-core CPU | `make world`, `make student` "
                      f"(`weights/*/tbcm.json`; n = 512, not comparable with n = 2048) |")
-    cpu = f"{latency['machine']['cpu']}, {latency['machine']['cpus']} CPUs, {latency['machine']['torch_threads']} threads"
+    lat_machine = latency["machine"]
+    cpu = f"{lat_machine['cpu']}, {lat_machine['cpus']} CPUs, {lat_machine['torch_threads']} threads"
     lat_src = f"`python -m benchmarks.bench_latency --threads 2`, `{RESULTS}/latency.json`{note(lat_ok)}"
     proc = latency["in_process"]
     head = latency["headline"]
@@ -147,21 +148,27 @@ def block_numbers() -> str:
                  f"{proc['student']['transformer']:.1f} ms | {head['transformer_speedup']:.1f}x faster "
                  f"(NFE bound {head['transformer_speedup_limit']:.0f}x) | batch 1, median of "
                  f"{latency['config']['repeats']} | {cpu} | {lat_src} |")
-    lines.append(f"| latency, in-process end to end | {proc['teacher']['total']:.1f} ms | {proc['student']['total']:.1f} ms"
+    lines.append(f"| latency, in-process end to end | {proc['teacher']['total']:.1f} ms | "
+                 f"{proc['student']['total']:.1f} ms"
                  f" | {head['end_to_end_speedup_in_process']:.1f}x faster | batch 1 | {cpu} | {lat_src} |")
     best = latency["throughput"]["best"]
     lines.append(f"| throughput, generator | - | {best['images_per_s']:.1f} images/s | - | batch {best['batch']} | "
                  f"{cpu} | {lat_src} |")
     phases = serving["phases"]
     srv_cpu = f"{serving['machine']['cpu']}, {serving['machine']['cpus']} CPUs, service defaults"
+    hits = phases["c16"]["prompt_cache"]["hit_ratio"]
+    prompts = "unique prompts" if hits == 0 else f"prompt-cache hit ratio {hits:.2f}"
     srv_src = f"`python -m benchmarks.bench_serving`, `{RESULTS}/serving.json`{note(srv_ok)}"
     lines.append(f"| serving latency, HTTP, 1 client | - | p50 {phases['c1']['latency_ms']['p50']:.1f} ms, p99 "
-                 f"{phases['c1']['latency_ms']['p99']:.1f} ms | - | closed loop, 1 client | {srv_cpu} | {srv_src} |")
+                 f"{phases['c1']['latency_ms']['p99']:.1f} ms | - | closed loop, 1 client, {prompts} | {srv_cpu} | "
+                 f"{srv_src} |")
     lines.append(f"| serving throughput, HTTP, 16 clients | - | {phases['c16']['throughput_rps']:.1f} requests/s "
-                 f"(p99 {phases['c16']['latency_ms']['p99']:.1f} ms) | - | closed loop, 16 clients | {srv_cpu} | "
+                 f"(p99 {phases['c16']['latency_ms']['p99']:.1f} ms) | - | closed loop, 16 clients, {prompts} | "
+                 f"{srv_cpu} | "
                  f"{srv_src} |")
     lines.append(f"| serving tail, Poisson at 70% load | - | p99 {phases['poisson70']['latency_ms']['p99']:.1f} ms at "
-                 f"{phases['poisson70']['throughput_rps']:.1f} requests/s | - | open loop | {srv_cpu} | {srv_src} |")
+                 f"{phases['poisson70']['throughput_rps']:.1f} requests/s | - | open loop, {prompts} | {srv_cpu} | "
+                 f"{srv_src} |")
     cached = cached_prompts_note(serving)
     return "\n".join(lines + (["", cached] if cached else []))
 
