@@ -25,6 +25,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from benchmarks.provenance import command as provenance_command
 from tbcm.distill.config import DistillConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def main() -> None:
     unknown = [a for a in chosen if a not in arms]
     if unknown:
         sys.exit(f"--arms: unknown {unknown}; the arms are {list(arms)}")
-    command = shlex.join(["python", *sys.argv])
+    command = provenance_command()
     out, same = Path(args.json), {"budget_s": args.budget_s, "n": args.n, "seed": args.seed, "extra": extra}
     by_arm, load_start = kept_rows(out, same), os.getloadavg()
     for name in chosen:

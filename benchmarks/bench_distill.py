@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import command as provenance_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -126,8 +128,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"setting": setting, "device": device, "torch": torch.__version__,
                                "rows": rows, "tbcm_over_data_iteration_time": ratio,
-                               "command": " ".join(sys.argv)}, indent=2))
-    out.with_suffix(".md").write_text(markdown_table(rows, " ".join(sys.argv)))
+                               "command": provenance_command()}, indent=2))
+    out.with_suffix(".md").write_text(markdown_table(rows, provenance_command()))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

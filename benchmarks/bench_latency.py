@@ -29,7 +29,7 @@ import httpx
 import torch
 
 from benchmarks.bench_serving import PROMPT, machine, start_server
-from benchmarks.provenance import transformer_sha256
+from benchmarks.provenance import command as provenance_command, transformer_sha256
 from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator
 from tbcm.models.pipeline import load_pipeline
 from tbcm.service.config import ServiceConfig
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
     if not pipes["student"].is_student or pipes["teacher"].is_student:
         raise ValueError(f"--student must be a student and --teacher a teacher, got {specs}")
     steps = {"student": 1, "teacher": TEACHER_DEFAULT_STEPS}
-    report = {"command": " ".join(sys.argv), "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+    report = {"command": provenance_command(), "machine": {**machine(), "torch_threads": torch.get_num_threads()},
               "config": {"repeats": args.repeats, "warmup": WARMUP, "microbatch": args.microbatch, "batch": 1,
                          "prompt": prompt(0).replace("0", "N (distinct per call)"), "device": str(device)},
               "models": {kind: {"spec": "tiny" if args.tiny else specs[kind], "path": str(paths[kind]),

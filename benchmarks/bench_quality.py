@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.provenance import transformer_sha256
+from benchmarks.provenance import command as provenance_command, transformer_sha256
 from tbcm.models.pipeline import resolve_model
 from tbcm.world.evaluate import EvalConfig, evaluate
 
@@ -65,9 +64,9 @@ def main() -> None:
               f"{r['recall']:>7.3f}{r['accuracy']:>8.3f}{r['nfe']:>5}{ips:>9}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "n": args.n, "rows": rows, "command": " ".join(sys.argv)},
+    out.write_text(json.dumps({"machine": machine, "n": args.n, "rows": rows, "command": provenance_command()},
                               indent=2))
-    out.with_suffix(".md").write_text(markdown_table(rows, " ".join(sys.argv)))
+    out.with_suffix(".md").write_text(markdown_table(rows, provenance_command()))
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

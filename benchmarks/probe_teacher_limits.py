@@ -20,11 +20,11 @@ import functools
 import json
 import math
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.provenance import command as provenance_command
 from tbcm.models import generator
 from tbcm.world import world
 from tbcm.world.evaluate import EVAL_SEED_BASE, REFERENCE_SEED_BASE, EvalConfig, evaluate
@@ -106,7 +106,7 @@ def main() -> None:
     print(f"\n{args.prompts}, n = {args.n}, seed {args.seed}")
     for row in rows:
         print(f"{row['images']:<24} FD {row['fd']:7.2f}  accuracy {row['accuracy']:.3f}")
-    out = {"command": "python " + " ".join(sys.argv), "model": args.model, "steps": args.steps,
+    out = {"command": provenance_command(), "model": args.model, "steps": args.steps,
            "prompts": args.prompts, "n": args.n, "seed": args.seed, "rows": rows,
            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
