@@ -9,7 +9,7 @@ Each arm is one `tbcm distill --time-budget-s B` run in its own process (trainin
 with its 1-step FD and accuracy on both splits; the table reads the export manifest and metrics.jsonl, the figure
 draws loss against training time.
 
-    python benchmarks/bench_ablations.py --budget-s 270 --n 256 --out-dir runs/ablations \
+    python -m benchmarks.bench_ablations --budget-s 270 --n 256 --out-dir runs/ablations \
         --json docs/results/ablations.json --skip-existing
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Time the Triton kernels against their PyTorch counterparts at Sana sizes (needs a GPU).
 
-    python benchmarks/bench_kernels.py [--json runs/bench_kernels.json] [--layers 28] [--smoke]
+    python -m benchmarks.bench_kernels [--json runs/bench_kernels.json] [--layers 28] [--smoke]
 
 Sections (bf16, random weights):
   1. each kernel vs kernels.reference (diffusers' maths): forward, forward+backward and

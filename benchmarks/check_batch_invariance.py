@@ -1,8 +1,8 @@
 """Does an image depend on the batch it is computed in? Generates the same images with the one-step generator at
 microbatch 1, 2, 4 and 8 and compares each against microbatch 1, byte for byte. Prints a table and writes JSON.
 
-    python benchmarks/check_batch_invariance.py                 # the shipped student
-    python benchmarks/check_batch_invariance.py --model PATH --threads 1
+    python -m benchmarks.check_batch_invariance                 # the shipped student
+    python -m benchmarks.check_batch_invariance --model PATH --threads 1
 
 The service pads every call to a fixed microbatch because, where this reports differences, a row's pixels change
 with the number of rows computed beside it (docs/operators.md, §6).

@@ -51,7 +51,7 @@ echo "bank: $(cat "$OUT/bank_s.txt") s of TBCM's $BUDGET s"
 
 export OMP_NUM_THREADS=2
 for run in tbcm data; do
-    .venv/bin/python benchmarks/bench_quality.py --n 512 --json "$OUT/quality-$run.json" --model "$OUT/$run/export:1,2,4"
+    .venv/bin/python -m benchmarks.bench_quality --n 512 --json "$OUT/quality-$run.json" --model "$OUT/$run/export:1,2,4"
 done
-.venv/bin/python benchmarks/plot_fd_curves.py "$OUT/tbcm" "$OUT/data" --offset "$OUT/tbcm=$(cat "$OUT/bank_s.txt")" \
+.venv/bin/python -m benchmarks.plot_fd_curves "$OUT/tbcm" "$OUT/data" --offset "$OUT/tbcm=$(cat "$OUT/bank_s.txt")" \
     --out "$OUT/fd_vs_time.png"

@@ -24,7 +24,7 @@ echo "== pytest -m gpu tests/distill (accelerate FSDP2: train, checkpoint, resum
 "$PYTHON" -m pytest -m gpu tests/distill -q -rs -p no:cacheprovider 2>&1 | tee runs/gpu_check_pytest_distill.txt || status=1
 
 echo "== benchmarks/bench_kernels.py"
-"$PYTHON" benchmarks/bench_kernels.py --json runs/bench_kernels.json 2>&1 | tee runs/bench_kernels.txt || status=1
+"$PYTHON" -m benchmarks.bench_kernels --json runs/bench_kernels.json 2>&1 | tee runs/bench_kernels.txt || status=1
 echo "== runs/bench_kernels.json"
 cat runs/bench_kernels.json || status=1
 exit $status

@@ -1,6 +1,6 @@
 """FD (and accuracy) against training wall-clock time, from the eval_curve.jsonl of distill runs.
 
-    python benchmarks/plot_fd_curves.py runs/student runs/scm-data --out docs/fd_vs_time.png
+    python -m benchmarks.plot_fd_curves runs/student runs/scm-data --out docs/fd_vs_time.png
 
 A run that trained on a rollout bank is shifted right by the bank's wall time: --offset runs/tbcm=121.8.
 """

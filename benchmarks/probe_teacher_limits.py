@@ -8,9 +8,9 @@
 - the teacher with its CFG limited to flow sigma <= g (the guidance interval; `tbcm distill --guidance-max-sigma`
   rolls out that way), and conditioned alone above g.
 
-    python benchmarks/probe_teacher_limits.py --keep 1,0.8,0.5,0 --prompts train --n 1024 --seed 2 \
+    python -m benchmarks.probe_teacher_limits --keep 1,0.8,0.5,0 --prompts train --n 1024 --seed 2 \
         --json docs/results/teacher-limits-probe-seed2.json
-    python benchmarks/probe_teacher_limits.py --keep 1 --guidance-max-sigma 0.6,0.5,0.4,0.3 --prompts SPLIT \
+    python -m benchmarks.probe_teacher_limits --keep 1 --guidance-max-sigma 0.6,0.5,0.4,0.3 --prompts SPLIT \
         --n 1024 --seed 2 --json docs/results/teacher-guidance-interval-probe-SPLIT-seed2.json
 """
 from __future__ import annotations

@@ -8,7 +8,6 @@ import sys
 from itertools import product
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

@@ -1,9 +1,8 @@
 """Samplers: flow-Euler and TrigFlow agree on the tiny teacher with CFG; the timestep fed to the transformer;
 recorded trajectories; CM times; per-seed noise."""
 import copy
-import importlib.util
+import importlib
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -158,10 +157,7 @@ def test_trajectory_matches_a_hand_written_ddim_loop(teacher_velocity):
 
 def test_the_probes_stochastic_teacher_sampler_is_the_teachers_own_at_c_1(teacher_velocity):
     """benchmarks/probe_teacher_limits.py: keeping all of the predicted noise is the deterministic DDIM sampler."""
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "probe_teacher_limits.py"
-    spec = importlib.util.spec_from_file_location("probe_teacher_limits", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = importlib.import_module("benchmarks.probe_teacher_limits")
     velocity = teacher_velocity(torch.float64)
     noise = seeded_noise([1, 2, 3], (4, 4, 4))[0].double()
     sigmas = teacher_sigmas(4, 2.5)
