@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tbcm.cli.distill import WORLD
 from tbcm.cli.options import add_config_options, config_from_args
+from tbcm.models.card import is_shapes_world
 from tbcm.models.pipeline import load_pipeline, resolve_model, shown_path
 from tbcm.service.client import ServiceClient, admin_token, error_message
 from tbcm.service.gate import GateConfig, Verdict, compare, recorded_scores
@@ -56,9 +56,8 @@ def not_scorable(info: dict, evaluator_size: int) -> str | None:
     if info.get("kind") != "student":
         return f"it is {'a ' + info['kind'] if info.get('kind') else 'not a tbcm folder (no kind in tbcm.json)'}," \
                f" not a one-step student"
-    prompts = (info.get("manifest") or {}).get("config", {}).get("prompts", WORLD)
-    if prompts != WORLD:
-        return f"it was distilled on the prompts {prompts!r}, not the shapes world's"
+    if not is_shapes_world(info):
+        return "it is no shapes-world student (its tbcm.json records no vae_run), so the shapes evaluator says nothing"
     if info.get("image_size") != evaluator_size:
         return f"it renders {info.get('image_size')} px images; the shapes evaluator scores {evaluator_size} px"
     return None

@@ -36,7 +36,7 @@ def teacher_reference(teacher: Pipeline, prompts: list[str], n: int) -> TeacherR
     if not prompts or n < 1:
         raise ValueError(f"teacher agreement needs prompts and n >= 1, got {len(prompts)} prompts and n = {n}")
     chosen, seeds = [prompts[i % len(prompts)] for i in range(n)], list(range(n))
-    out = Generator(teacher).generate(chosen, seeds, TEACHER_DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    out = Generator(teacher).generate(chosen, seeds, TEACHER_DEFAULT_STEPS, DEFAULT_GUIDANCE, keep_latents=True)
     return TeacherReference(chosen, seeds, out.images, out.latents)
 
 
@@ -51,7 +51,7 @@ def teacher_agreement(student: Pipeline, reference: TeacherReference) -> dict:
     generator = Generator(student)
     steps = {}
     for count in STUDENT_STEPS:
-        out = generator.generate(reference.prompts, reference.seeds, count, DEFAULT_GUIDANCE)
+        out = generator.generate(reference.prompts, reference.seeds, count, DEFAULT_GUIDANCE, keep_latents=True)
         steps[str(count)] = {"psnr_db": psnr_db(out.images, reference.images),
                              "latent_mse": float(((out.latents - reference.latents) ** 2).mean())}
     return {"n": len(reference.prompts), "teacher_steps": TEACHER_DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,

@@ -31,8 +31,8 @@ TEACHER_SAMPLERS = ("scheduler", "euler", "trigflow")
 class Generation:
     images: torch.Tensor                                          # uint8 (B, H, W, 3)
     timings: dict[str, float] = field(default_factory=dict)      # seconds per stage for the whole batch
-    latents: torch.Tensor | None = None                          # the decoded x0, (B, C, h, w) float32, scaled as the
-                                                                 #   transformer sees it (latent x scaling_factor)
+    latents: torch.Tensor | None = None                          # with keep_latents: the decoded x0, (B, C, h, w)
+                                                                 #   float32, as the transformer sees it
 
 
 class Generator:
@@ -119,8 +119,10 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
-                 guidance: float | list[float] = DEFAULT_GUIDANCE, size: int | None = None) -> Generation:
-        """Images for prompts[i] with seeds[i]; one call shares steps and size, guidance may differ per image."""
+                 guidance: float | list[float] = DEFAULT_GUIDANCE, size: int | None = None,
+                 keep_latents: bool = False) -> Generation:
+        """Images for prompts[i] with seeds[i]; one call shares steps and size, guidance may differ per image.
+        `keep_latents` also returns the decoded latents (a CPU copy, off the serving path)."""
         pipe, n = self.pipe, len(prompts)
         if n == 0 or n != len(seeds):
             raise ValueError(f"prompts and seeds must be non-empty lists of equal length, got {n} and {len(seeds)}")
@@ -147,4 +149,5 @@ class Generator:
 
         images = to_uint8(self.decode(x0))
         timings["vae_decode"] = time.perf_counter() - t0
-        return Generation(images, timings, x0.float().cpu())  # a copy: a CUDA graph's output buffer is reused
+        latents = x0.float().cpu() if keep_latents else None  # a copy: a CUDA graph reuses its output buffer
+        return Generation(images, timings, latents)

@@ -28,12 +28,12 @@ def test_agreement_compares_each_student_step_count_with_the_teachers_image_from
     prompts = ["a red circle", "a blue square"]
     reference = teacher_reference(teacher_pipe, prompts, 3)
     assert reference.prompts == ["a red circle", "a blue square", "a red circle"] and reference.seeds == [0, 1, 2]
-    teacher = Generator(teacher_pipe).generate(reference.prompts, [0, 1, 2], TEACHER_DEFAULT_STEPS)
+    teacher = Generator(teacher_pipe).generate(reference.prompts, [0, 1, 2], TEACHER_DEFAULT_STEPS, keep_latents=True)
     assert torch.equal(reference.images, teacher.images)
     result = teacher_agreement(student, reference)
     assert list(result["steps"]) == [str(s) for s in STUDENT_STEPS] and result["n"] == 3
     for steps, row in result["steps"].items():
-        out = Generator(student).generate(reference.prompts, [0, 1, 2], int(steps))
+        out = Generator(student).generate(reference.prompts, [0, 1, 2], int(steps), keep_latents=True)
         assert row["psnr_db"] == pytest.approx(numpy_psnr(out.images.numpy(), teacher.images.numpy()))
         assert row["latent_mse"] == pytest.approx(float(((out.latents - teacher.latents) ** 2).mean()))
         assert 0 < row["latent_mse"] and row["psnr_db"] < MAX_PSNR_DB  # a student is not its teacher

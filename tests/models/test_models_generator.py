@@ -152,7 +152,8 @@ def test_bfloat16_pipeline_agrees_with_float32(tiny_student_dir, student_pipe, s
 
 
 def test_generation_latents_are_what_is_decoded(student_pipe):
-    out = Generator(student_pipe).generate(["a red circle"], [4], 2)
+    assert Generator(student_pipe).generate(["a red circle"], [4], 2).latents is None  # the serving path copies none
+    out = Generator(student_pipe).generate(["a red circle"], [4], 2, keep_latents=True)
     with torch.no_grad():
         decoded = student_pipe.vae.decode(out.latents / student_pipe.vae.config.scaling_factor).sample
     images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)

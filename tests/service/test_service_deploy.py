@@ -40,9 +40,19 @@ def perturbed_copy(folder, out, noise: float):
 
 
 @pytest.fixture
-def deploy_to(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread):
-    """deploy_to(folder, *args) -> (exit code, the live model's spec after it); the live model: the tiny student."""
-    client = make_service(model_roots=str(tmp_path))
+def shapes_student(tiny_student_dir, tmp_path):
+    """The tiny student, marked as a shapes-world student (its tbcm.json names the VAE run, as world students'
+    do), so the shapes evaluator may score it."""
+    folder = shutil.copytree(tiny_student_dir, tmp_path / "live")
+    info = json.loads((folder / "tbcm.json").read_text())
+    (folder / "tbcm.json").write_text(json.dumps({**info, "vae_run": "tiny"}))
+    return folder
+
+
+@pytest.fixture
+def deploy_to(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread, shapes_student):
+    """deploy_to(folder, *args) -> (exit code, the live model's spec after it); the live model: shapes_student."""
+    client = make_service(model=str(shapes_student), model_roots=str(tmp_path))
     monkeypatch.setenv("TBCM_ADMIN_TOKEN", TOKEN)
     monkeypatch.setattr(deploy, "connect", lambda url: ServiceClient(url, http=client))
 
@@ -54,32 +64,35 @@ def deploy_to(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread):
     return run
 
 
-def test_a_worse_student_is_refused_with_the_reason_and_a_good_one_goes_live(deploy_to, tiny_student_dir, tmp_path,
+def test_a_worse_student_is_refused_with_the_reason_and_a_good_one_goes_live(deploy_to, shapes_student, tmp_path,
                                                                              capsys):
-    worse = perturbed_copy(tiny_student_dir, tmp_path / "worse", noise=0.3)
+    worse = perturbed_copy(shapes_student, tmp_path / "worse", noise=0.3)
     code, live = deploy_to(worse)
     refusal = capsys.readouterr().err
-    assert code == 1 and live == str(tiny_student_dir)
+    assert code == 1 and live == str(shapes_student)
     assert "refused" in refusal and "fd: candidate" in refusal and "fd_tolerance 0.05" in refusal
-    assert f"{str(tiny_student_dir)!r} stays live" in refusal
-    good = shutil.copytree(tiny_student_dir, tmp_path / "good")  # scores as the live one: within every bound
+    assert f"{str(shapes_student)!r} stays live" in refusal
+    good = shutil.copytree(shapes_student, tmp_path / "good")  # scores as the live one: within every bound
     code, live = deploy_to(good)
     out = capsys.readouterr().out
     assert code == 0 and live == str(good)
     assert "precision" in out and "recall" in out and "scored here" in out and "deployed" in out
 
 
-def test_a_folder_the_shapes_evaluator_cannot_score_needs_no_gate(deploy_to, tiny_student_dir, tmp_path, capsys):
-    size32 = shutil.copytree(tiny_student_dir, tmp_path / "size32")
+def test_a_folder_the_shapes_evaluator_cannot_score_needs_no_gate(deploy_to, shapes_student, tiny_student_dir, tmp_path,
+                                                                  capsys):
+    size32 = shutil.copytree(shapes_student, tmp_path / "size32")
     info = json.loads((size32 / "tbcm.json").read_text())
     (size32 / "tbcm.json").write_text(json.dumps({**info, "image_size": 32}))
     code, live = deploy_to(size32)
-    assert code == 2 and live == str(tiny_student_dir)
+    assert code == 2 and live == str(shapes_student)
     assert "cannot be scored by the shapes world's evaluator" in capsys.readouterr().err
-    teacher_like = shutil.copytree(tiny_student_dir, tmp_path / "teacher-like")
+    teacher_like = shutil.copytree(shapes_student, tmp_path / "teacher-like")
     (teacher_like / "tbcm.json").write_text(json.dumps({**info, "kind": "teacher"}))
     assert deploy_to(teacher_like)[0] == 2 and "it is a teacher, not a one-step student" in capsys.readouterr().err
     assert deploy_to(teacher_like, "--no-gate") == (0, str(teacher_like))
+    foreign = shutil.copytree(tiny_student_dir, tmp_path / "foreign")  # a student of no shapes-world teacher
+    assert deploy_to(foreign)[0] == 2 and "no shapes-world student" in capsys.readouterr().err
 
 
 def gated(fd_train: float, accuracy_heldout: float) -> dict:
