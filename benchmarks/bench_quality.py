@@ -4,6 +4,9 @@ against the teacher's), all-attribute accuracy, NFE, images/s on this machine.
 
     python -m benchmarks.bench_quality --n 512 --json runs/bench/quality.json \
         --model teacher:4,8,16 --model student:1,2,4 --model runs/scm-data/export:1,2,4
+
+A student's spec may end in @T,T,...: its sampling times between pi/2 and 0 (steps - 1 of them), instead of
+SanaSprintPipeline's (`--model student:2@0.4` samples at pi/2, then re-noises to t = 0.4 and samples again).
 """
 from __future__ import annotations
 
@@ -21,9 +24,17 @@ from tbcm.world.evaluate import EvalConfig, evaluate
 METRICS = ("fd", "precision", "recall", "accuracy", "nfe", "images_per_s")  # per row; "real" rows have no images/s
 
 
-def parse_model(spec: str) -> tuple[str, list[int]]:
+def parse_model(spec: str) -> tuple[str, list[int], tuple[float, ...]]:
+    """NAME:STEPS,STEPS[@T,T,...] -> (name, step counts, intermediate times)."""
+    spec, _, times = spec.partition("@")
     name, _, steps = spec.rpartition(":")
-    return name, [int(s) for s in steps.split(",")]
+    return name, [int(s) for s in steps.split(",")], tuple(float(t) for t in times.split(",") if t)
+
+
+def label(row: dict) -> str:
+    """The row's model as its spec names it (with @times when it has its own sampling times)."""
+    times = row.get("intermediate_times")
+    return row["model"] + (f"@{','.join(f'{t:g}' for t in times)}" if times else "")
 
 
 def markdown_table(rows: list[dict], command: str) -> str:
@@ -31,7 +42,7 @@ def markdown_table(rows: list[dict], command: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        lines.append(f"| {r['model']} | {r.get('steps', 0)} | {r['split']} | {r['fd']:.3f} | {r['precision']:.3f} | "
+        lines.append(f"| {label(r)} | {r.get('steps', 0)} | {r['split']} | {r['fd']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['accuracy']:.3f} | {r['nfe']} | {ips} |")
     return "\n".join(lines) + "\n"
 
@@ -48,11 +59,12 @@ def main() -> None:
                                                  if k in METRICS[:-1]}}
             for split in args.splits.split(",")]
     for spec in args.model:
-        name, step_list = parse_model(spec)
+        name, step_list, times = parse_model(spec)
         for steps in step_list:
             for split in args.splits.split(","):
-                result = evaluate(EvalConfig(model=name, steps=steps, prompts=split, n=args.n))
-                rows.append({"model": name, "steps": steps, "split": split,
+                result = evaluate(EvalConfig(model=name, steps=steps, prompts=split, n=args.n,
+                                             intermediate_times=times))
+                rows.append({"model": name, "steps": steps, "split": split, "intermediate_times": list(times),
                              "transformer_sha256": transformer_sha256(resolve_model(name)),
                              **{k: result[k] for k in METRICS}})
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -60,7 +72,7 @@ def main() -> None:
     print(f"{'model':<28}{'steps':>6}{'split':>9}{'FD':>9}{'prec':>7}{'recall':>7}{'acc':>8}{'NFE':>5}{'img/s':>9}")
     for r in rows:
         ips = f"{r['images_per_s']:.1f}" if r.get("images_per_s") else "-"
-        print(f"{r['model']:<28}{r.get('steps', 0):>6}{r['split']:>9}{r['fd']:>9.3f}{r['precision']:>7.3f}"
+        print(f"{label(r):<28}{r.get('steps', 0):>6}{r['split']:>9}{r['fd']:>9.3f}{r['precision']:>7.3f}"
               f"{r['recall']:>7.3f}{r['accuracy']:>8.3f}{r['nfe']:>5}{ips:>9}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ never the block. Sources (all repo-relative, standard library only, no model is 
 - weights/teacher/tbcm.json -> eval, weights/student/tbcm.json -> manifest.eval: the folders' own evals, n = 512;
 - docs/results/table1.json: Table 1 of record, n = 2048, with the sha256 of the transformers it was measured on;
 - docs/results/equal-time-*.json: Table 2, the side-by-side pairs;
-- docs/results/latency.json, docs/results/serving.json: speed and serving.
+- docs/results/latency.json, docs/results/serving.json, docs/results/serving-no-text-stage.json: speed and
+  serving.
 A benchmark that cannot be tied to the shipped student (its transformer's sha256 or its training manifest) is
 labelled "measured on an earlier student: to be re-measured" instead of being shown as current.
 """
@@ -173,6 +174,26 @@ def block_numbers() -> str:
     return "\n".join(lines + (["", cached] if cached else []))
 
 
+def text_stage_side_by_side(on: dict) -> list[str]:
+    """The service with its text stage (the default) and without, from two runs of bench_serving."""
+    off = load(f"{RESULTS}/serving-no-text-stage.json")
+    lines = [f"The text stage side by side (`{RESULTS}/serving.json` and `{RESULTS}/serving-no-text-stage.json`, the "
+             f"second with `--serve-arg=--no-text-stage`):", "",
+             "| | text stage on (default) | text stage off |", "|---|---|---|"]
+
+    def latency(run: dict, phase: str, q: str) -> float:
+        return run["phases"][phase]["latency_ms"][q]
+
+    rows = {"HTTP p50 / p99, 1 client (ms)": lambda r: f"{latency(r, 'c1', 'p50'):.1f} / {latency(r, 'c1', 'p99'):.1f}",
+            "throughput, 16 clients (requests/s)": lambda r: f"{r['phases']['c16']['throughput_rps']:.1f}",
+            "images per call, 16 clients": lambda r: f"{r['phases']['c16']['server']['images_per_call']:.2f}",
+            "Poisson at 70%: rate (requests/s), p50 / p99 (ms)": lambda r: (
+                f"{r['phases']['poisson70']['throughput_rps']:.1f}, {latency(r, 'poisson70', 'p50'):.1f} / "
+                f"{latency(r, 'poisson70', 'p99'):.1f}"),
+            "Poisson p99 / unloaded p50": lambda r: f"{latency(r, 'poisson70', 'p99') / latency(r, 'c1', 'p50'):.2f}x"}
+    return lines + [f"| {label} | {show(on)} | {show(off)} |" for label, show in rows.items()]
+
+
 def block_table1() -> str:
     """docs/results.md: the one-step bars at n = 2048, with the folders' own n = 512 evals labelled as such."""
     table, current = table1_current()
@@ -292,7 +313,9 @@ def block_serving() -> str:
         shown = f"{value:.3f}" if isinstance(value, float) else f"`{json.dumps(value)}`"
         lines.append(f"| {goal} | {shown} | {'yes' if result['met'] else '**no**'} |")
     cached = cached_prompts_note(serving)
-    return "\n".join(lines + (["", cached] if cached else []))
+    return "\n".join(lines + (["", cached] if cached else []) + ["", *text_stage_side_by_side(serving)])
+
+
 
 
 BLOCKS = {"README.md": {"numbers": block_numbers},

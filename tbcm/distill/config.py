@@ -60,6 +60,9 @@ class DistillConfig(TrainConfig):
     calm_down_steps: int = 2000           # length of that linear move (TBCM's config: 2000)
     final_r: float = 0.75                 # r after the calm-down (TBCM's config: 0.75)
     learn_logvar: bool = True             # learn the log-variance weighting (sCM eq. 14); off: logvar stays 0
+    logvar_detached: bool = False         # the log-variance head reads the time embedding detached, so its gradient
+                                          #   trains the head only; off: as Sana's logvar_linear, it also trains
+                                          #   the transformer's time and guidance embedders (docs/results.md, §9)
     logvar_min: float | None = None       # lower bound on the learned logvar, i.e. at most e^-min extra weight
     prior_weight: str = "tan"             # per-pair prior: "tan" = 1/(sigma_d tan t) (sCM eq. 14), "uniform" = 1
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant
@@ -88,8 +91,9 @@ class DistillConfig(TrainConfig):
         """Refuse a bad combination when the config is built: before any rollout, and never after training."""
         if self.pairs not in ("trajectory", "data"):
             raise ValueError(f"--pairs must be 'trajectory' or 'data', got {self.pairs!r}")
-        if self.logvar_min is not None and not self.learn_logvar:
-            raise ValueError("--logvar-min bounds the learned weighting: drop it or drop --no-learn-logvar")
+        if (self.logvar_min is not None or self.logvar_detached) and not self.learn_logvar:
+            raise ValueError("--logvar-min and --logvar-detached shape the learned weighting: drop them or drop "
+                             "--no-learn-logvar")
         if self.renoised_per_trajectory < 0 or (self.renoised_per_trajectory and self.pairs == "data"):
             raise ValueError("--renoised-per-trajectory must be >= 0, and 0 with --pairs data (it re-noises "
                              f"trajectory endpoints), got {self.renoised_per_trajectory}")

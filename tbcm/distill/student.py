@@ -3,7 +3,8 @@
 The student transformer is `SanaTransformer2DModel(guidance_embeds=True)` initialised from the teacher, with the
 guidance embedder's last layer zeroed so that at step 0 it computes exactly the teacher's conditional velocity
 (Sana-Sprint arXiv 2503.09641, §3.2 and Tab. 4: the CFG scale as an input). The log-variance head reads the
-time(+guidance) embedding, as Sana's `logvar_linear` does, and is dropped at export.
+time(+guidance) embedding, as Sana's `logvar_linear` does (or, with `logvar_detached`, that embedding detached, so
+that its gradient trains the head alone: docs/results.md, section 9), and is dropped at export.
 """
 from __future__ import annotations
 
@@ -83,9 +84,10 @@ def freeze(transformer: SanaTransformer2DModel, parts: str) -> None:
 class Student(nn.Module):
     """F_theta(x_t / sigma_d, t, caption, w) in TrigFlow units plus the adaptive-weight log-variance."""
 
-    def __init__(self, transformer: SanaTransformer2DModel):
+    def __init__(self, transformer: SanaTransformer2DModel, logvar_detached: bool = False):
         super().__init__()
         self.transformer = transformer
+        self.logvar_detached = logvar_detached  # the head's gradient stops at the embedding (DistillConfig)
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.logvar = nn.Linear(width, 1)  # w_phi(t) = -logvar (sCM eq. 14), on the time embedding
         nn.init.zeros_(self.logvar.weight)
@@ -105,7 +107,8 @@ class Student(nn.Module):
 
     def forward(self, x_over_sigma, t, states, mask, guidance) -> tuple[torch.Tensor, torch.Tensor]:
         velocity = self.velocity(x_over_sigma, t, states, mask, guidance)
-        return velocity, self.logvar(self._embedding).view(-1)
+        embedding = self._embedding.detach() if self.logvar_detached else self._embedding
+        return velocity, self.logvar(embedding).view(-1)
 
 
 def student_pipeline(teacher: Pipeline, transformer: SanaTransformer2DModel, info: dict | None = None) -> Pipeline:

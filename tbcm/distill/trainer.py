@@ -55,7 +55,8 @@ class Distiller(TrainingRun):
         self.shards = RolloutShards(config.rollouts, config, teacher_fingerprint(self.teacher)["transformer_sha256"]) \
             if config.rollouts else None
         torch.manual_seed(config.seed)
-        self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale)).train()
+        self.student = Student(student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale),
+                               config.logvar_detached).train()
         self.student.logvar.requires_grad_(config.learn_logvar)  # zero-initialised: off keeps logvar = 0
         freeze(self.student.transformer, config.frozen_modules)
         self.ema = student_from_teacher(self.teacher.transformer, config.guidance_embeds_scale).eval()

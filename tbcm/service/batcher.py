@@ -8,14 +8,22 @@ a batch can take longer than the estimate (CPU contention, a slower GPU clock), 
 deadline is answered 504 after its compute was spent; the margin makes such requests 503 before compute instead.
 
 The generator thread takes the oldest request and every later one with the same (model, steps, size) that fits
-into `max_batch` images (guidance may differ per image), and runs them as one generator call. While more than one
-microbatch of images waits, that limit is rounded down to whole microbatches: the rest waits for the next call,
-where it fills padding rows, instead of adding a mostly padded microbatch to this call. Right before the
-call it drops requests whose handler gave up (client disconnected, or timed out) and answers 503 to those whose
-deadline the call would miss. Requests carry the model they were validated against, so a hot swap never changes
-the model under a queued request: old requests finish on the old model, new ones go to the new model.
-Model warm-ups run on the same thread between batches (`call`, one warm-up call at a time), so all device work
-stays on one thread.
+into `max_batch` images (guidance may differ per image) and whose prompts are encoded (see the text stage below),
+and runs them as one generator call. While more than one microbatch of images waits, that limit is rounded down
+to whole microbatches: the rest waits for the next call, where it fills padding rows, instead of adding a mostly
+padded microbatch to this call. Right before the call it drops requests whose handler gave up (client
+disconnected, or timed out) and answers 503 to those whose deadline the call would miss. Requests carry the model
+they were validated against, so a hot swap never changes the model under a queued request: old requests finish on
+the old model, new ones go to the new model.
+Model warm-ups run on the same thread between batches (`call`, one warm-up call at a time).
+
+The text stage (`text_stage`, on by default): a second thread encodes each admitted request's prompts into the
+model's prompt cache as it arrives, so the prompts of queued requests are encoded while the generator thread runs
+the transformer for earlier ones (text encoding is the largest cost per image on CPU: docs/results.md, Table 4).
+The generator call waits for its requests' prompts, then finds them cached. A prompt's states do not depend on the
+thread or on its company (TextEncoder encodes fixed-shape chunks), so images are the same with the stage off.
+Warm-up calls hold the device alone: the text thread waits while one runs (CUDA-graph capture must not overlap
+another thread's kernels).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from tbcm.service.metrics import Metrics
 from tbcm.service.runtime import LoadedModel
 
 log = logging.getLogger("tbcm.service")
+EMA_TEXT = 0.2  # weight of the newest job in the text stage's running seconds per job
 
 
 class Rejected(Exception):
@@ -57,6 +66,7 @@ class Job:
     deadline: float             # time.monotonic() by which the answer must be out
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
+    text_ready: threading.Event = field(default_factory=threading.Event)  # its prompts are in the prompt cache
 
     @property
     def key(self) -> tuple:
@@ -85,8 +95,13 @@ class Batcher:
         self._cond = threading.Condition()
         self._running: tuple[float, float] | None = None  # (start, estimated seconds) of the call in progress
         self._closed = False
+        self._text_jobs: deque[Job] = deque()  # admitted jobs whose prompts the text stage has not encoded yet
+        self._text_seconds = 0.0  # the text stage's running seconds per job (EMA), for the backlog estimate
+        self._device_alone = threading.Lock()  # held by a warm-up call, and by the text stage around each encode
         self._thread = threading.Thread(target=self._loop, name="tbcm-generator", daemon=True)
         self._thread.start()
+        if config.text_stage:
+            threading.Thread(target=self._text_loop, name="tbcm-text", daemon=True).start()
 
     def state(self) -> dict:
         with self._cond:
@@ -109,14 +124,21 @@ class Batcher:
                                retry_after=self._backlog(now, []))
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
-            self._cond.notify()
+            if self.config.text_stage:
+                self._text_jobs.append(job)
+            else:
+                job.text_ready.set()  # the generator call encodes them itself
+            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             waiting, self._queue = list(self._queue), deque()
             calls, self._calls = list(self._calls), deque()
-            self._cond.notify()
+            for job in self._text_jobs:
+                job.text_ready.set()  # a generator call waiting for one goes on (and fails or finishes) at once
+            self._text_jobs.clear()
+            self._cond.notify_all()
         for _, future in calls:
             future.set_exception(RuntimeError("the service is shutting down"))
         for job in waiting:
@@ -129,7 +151,9 @@ class Batcher:
         return model.times.estimate(steps, size, images)
 
     def _backlog(self, now: float, extra: list[Job]) -> float:
-        """Estimated seconds until the running call, every queued job and `extra` are done (lock held)."""
+        """Estimated seconds until the running call, every queued job and `extra` are done (lock held): the
+        generator's work, or the text stage's when that is longer (the two run side by side)."""
+        text = self._text_seconds * (len(self._text_jobs) + len(extra)) if self.config.text_stage else 0.0
         total = 0.0 if self._running is None else max(0.0, sum(self._running) - now)
         images = Counter()
         for job in [*self._queue, *extra]:
@@ -139,7 +163,7 @@ class Batcher:
             full, rest = divmod(count, self.config.max_batch)
             total += full * self._batch_seconds(key, self.config.max_batch)
             total += self._batch_seconds(key, rest) if rest else 0.0
-        return total
+        return max(total, text)
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the generator thread before the next batch (model warm-up: all device work on one thread,
@@ -147,8 +171,42 @@ class Batcher:
         future = Future()
         with self._cond:
             self._calls.append((fn, future))
-            self._cond.notify()
+            self._cond.notify_all()
         return future
+
+    def _next_text_job(self) -> Job | None:
+        """Block for the oldest admitted job whose prompts are not encoded yet (skipping given-up ones); None once
+        closed."""
+        with self._cond:
+            while True:
+                while self._text_jobs and self._text_jobs[0].future.done():  # given up, or answered already
+                    self._text_jobs.popleft().text_ready.set()
+                if self._text_jobs or self._closed:
+                    break
+                self._cond.wait()
+            return None if self._closed else self._text_jobs.popleft()
+
+    def _text_loop(self) -> None:
+        while (job := self._next_text_job()) is not None:
+            started = time.perf_counter()
+            try:
+                with self._device_alone:
+                    self._encode_prompts(job)
+            except Exception:  # logged; the generator call encodes them again and fails the request if it must
+                log.exception("text stage: encoding a request's prompts failed")
+            finally:
+                job.text_ready.set()
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request_stage("prompt_encoding", seconds)
+            with self._cond:
+                self._text_seconds += EMA_TEXT * (seconds - self._text_seconds)
+
+    def _encode_prompts(self, job: Job) -> None:
+        """Encode a job's distinct prompts into its model's cache, counting prompt-cache hits and misses."""
+        distinct = list(dict.fromkeys(job.prompts))
+        hits = job.model.encode_prompts(distinct)
+        self.metrics.prompt_cache_hits.inc(hits)
+        self.metrics.prompt_cache_misses.inc(len(distinct) - hits)
 
     def _next_work(self) -> tuple[Callable, Future] | list[Job] | None:
         """Block for work: a pending call, else the oldest job plus every queued job that can share its generator
@@ -169,10 +227,13 @@ class Batcher:
                 return self._calls.popleft()
             head = self._queue.popleft()
             live = [job for job in self._queue if not job.future.cancelled()]
-            limit = self._call_limit(head, [job for job in live if job.key == head.key])
+            # the head's prompts may still be encoding (the call waits for them); a later job joins only once its
+            # prompts are encoded, so the call never waits for the text stage on its account
+            joinable = {job for job in live if job.key == head.key and job.text_ready.is_set()}
+            limit = self._call_limit(head, joinable)
             batch, images, kept = [head], head.images, deque()
             for job in live:
-                if job.key == head.key and images + job.images <= limit:
+                if job in joinable and images + job.images <= limit:
                     batch.append(job)
                     images += job.images
                 else:
@@ -182,7 +243,7 @@ class Batcher:
             self._running = (self._clock(), self._batch_seconds(head.key, images))
             return batch
 
-    def _call_limit(self, head: Job, same_key: list[Job]) -> int:
+    def _call_limit(self, head: Job, same_key: set[Job]) -> int:
         """Most images for the call that `head` starts: max_batch, rounded down to whole microbatches while more
         than one microbatch is waiting (a part-filled microbatch is padded, and costs as much as a full one)."""
         rows, waiting = self.config.microbatch, head.images + sum(job.images for job in same_key)
@@ -195,7 +256,8 @@ class Batcher:
             if isinstance(work, tuple):
                 fn, future = work
                 try:
-                    future.set_result(fn())
+                    with self._device_alone:
+                        future.set_result(fn())
                 except Exception as err:
                     future.set_exception(err)
                 continue
@@ -233,16 +295,21 @@ class Batcher:
         if not live:
             return
         model, steps, size = live[0].key
-        prompts = [p for job in live for p in job.prompts]
-        distinct = list(dict.fromkeys(prompts))
-        hits = model.cached_prompts(distinct)
-        self.metrics.prompt_cache_hits.inc(hits)
-        self.metrics.prompt_cache_misses.inc(len(distinct) - hits)
         started = self._clock()
-        generation = model.generate(prompts, [s for job in live for s in job.seeds], steps, size,
-                                    [g for job in live for g in job.guidance], self.config.simulated_delay_s)
+        waited = time.perf_counter()
+        for job in live:
+            if self.config.text_stage:
+                job.text_ready.wait()
+            else:
+                self._encode_prompts(job)
+        text_wait = time.perf_counter() - waited
+        generation = model.generate([p for job in live for p in job.prompts], [s for job in live for s in job.seeds],
+                                    steps, size, [g for job in live for g in job.guidance],
+                                    self.config.simulated_delay_s)
         total = sum(job.images for job in live)
         self.metrics.batch_size.observe(total)
+        # the call's time in text: waiting for its prompts (or encoding them), then reading them from the cache
+        generation.timings["text_encoding"] = text_wait + generation.timings.get("text_encoding", 0.0)
         for stage, seconds in generation.timings.items():
             self.metrics.observe_batch_stage(stage, seconds)
         offset = 0

@@ -43,6 +43,8 @@ class ServiceConfig:
     device: str = "auto"  # torch device for the generator: auto (cuda when present), cpu, cuda, cuda:1, ...
     threads: int = 0  # torch intra-op threads for the generator (0: CPU, all cores but one; CUDA, torch's default)
     encode_threads: int = 2  # threads encoding images to PNG/JPEG/WebP beside the generator
+    text_stage: bool = True  # encode each request's prompts on arrival, in a thread beside the generator, so
+                             # queued prompts are encoded while the transformer runs (off: in the call)
     access_log: bool = True  # BentoML's per-request access log line (the tbcm_* metrics count requests either way)
     switch_interval_ms: float = 1.0  # worker's GIL switch interval (0: Python's 5 ms); caps the generator's GIL waits
     simulated_delay_s: float = 0.0  # drills and tests only: extra seconds every batch takes after warm-up (keep 0)

@@ -1,11 +1,14 @@
 """The quality gate of `tbcm deploy`: a candidate student goes live only if it scores within tolerance of the live
 model on every split, both scored at the same n and seeds.
 
-The scores come from outside (the cli wires the shapes world's evaluator, tbcm.world.evaluate, one-step, at
-`GateConfig.n` images per split); this module holds the knobs, the bar each gated metric sets, the comparison,
-and the scores a live folder's manifest records, for when the live folder cannot be scored here. Those were
-measured by the distill export (tbcm.world.sources.student_metrics: one step, seed 0, the shipped evaluator), so
-they are used only when the gate runs the same way: at the n the manifest states, seed 0, the shipped evaluator.
+The scores come from outside (the cli wires them): for shapes-world students the shapes world's evaluator
+(tbcm.world.evaluate, one step, at `GateConfig.n` images per split: FD and accuracy gated); for any other student
+the evaluator-free teacher agreement (tbcm.distill.agreement, at `GateConfig.agreement_n` images: PSNR against
+the common teacher's images gated at 1, 2 and 4 steps, one "split" per step count). This module holds the knobs,
+the bar each gated metric sets, the comparison, and the scores a live folder's manifest records, for when the
+live folder cannot be scored here. Those were measured by the distill export (tbcm.world.sources.student_metrics:
+one step, seed 0, the shipped evaluator), so they are used only when the gate runs the same way: at the n the
+manifest states, seed 0, the shipped evaluator.
 """
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ from dataclasses import dataclass
 from tbcm.models.pipeline import WEIGHTS_DIR
 
 DEFAULT_EVALUATOR = str(WEIGHTS_DIR / "evaluator")
-GATED = ("fd", "accuracy")  # each has a bound (see `bound`); the others are reported only
-REPORTED = ("precision", "recall")
+GATED = {"fd": "fd_tolerance", "accuracy": "accuracy_tolerance", "psnr_db": "psnr_tolerance_db"}  # -> its knob
+REPORTED = ("precision", "recall", "latent_mse")  # shown beside the gated ones, never refused on
+EVALUATOR_GATED = ("fd", "accuracy")  # what every split of a shapes-evaluator score must hold
 RECORDED_N = re.compile(r"run: (\d+) images per split")  # the distill export's eval_status
 
 
@@ -28,6 +32,9 @@ class GateConfig:
     splits: str = "train,heldout"  # prompt splits scored, comma-separated; every one must pass
     fd_tolerance: float = 0.05  # the candidate's FD may exceed the live one's by at most this fraction
     accuracy_tolerance: float = 0.01  # the candidate's attribute accuracy may trail the live one's by at most this
+    agreement_n: int = 32  # teacher-agreement images (prompt i mod the prompts, seed i) for a student the shapes
+                           # evaluator cannot score; the teacher's are made once and shared by both students
+    psnr_tolerance_db: float = 0.5  # the candidate's PSNR against the teacher may trail the live one's by this
     evaluator: str = DEFAULT_EVALUATOR  # the shapes world's evaluator folder (FD features, attribute heads)
     threads: int = 1  # torch intra-op threads while scoring (0: torch's default); on a busy 2-core CPU two threads
                       # scored 64 images in 43 s, one in 2.9 s
@@ -35,8 +42,10 @@ class GateConfig:
     def __post_init__(self):
         if self.n < 2:
             raise ValueError(f"n must be at least 2 (FD needs a covariance), got {self.n}")
-        if min(self.fd_tolerance, self.accuracy_tolerance, self.threads) < 0:
-            raise ValueError("fd_tolerance, accuracy_tolerance and threads must be >= 0")
+        if self.agreement_n < 1:
+            raise ValueError(f"agreement_n must be at least 1, got {self.agreement_n}")
+        if min(self.fd_tolerance, self.accuracy_tolerance, self.psnr_tolerance_db, self.threads) < 0:
+            raise ValueError("fd_tolerance, accuracy_tolerance, psnr_tolerance_db and threads must be >= 0")
         if not self.split_list():
             raise ValueError("splits must name at least one split")
 
@@ -48,8 +57,8 @@ def bound(metric: str, live: float, config: GateConfig) -> tuple[str, float]:
     """(comparison, limit) the candidate's value of a gated metric must meet, given the live model's value."""
     if metric == "fd":  # lower is better
         return "<=", live * (1 + config.fd_tolerance)
-    if metric == "accuracy":  # higher is better
-        return ">=", live - config.accuracy_tolerance
+    if metric in ("accuracy", "psnr_db"):  # higher is better
+        return ">=", live - getattr(config, GATED[metric])
     raise KeyError(f"{metric!r} is not a gated metric; gated: {', '.join(GATED)}")
 
 
@@ -68,10 +77,9 @@ class Verdict:
 
     def reason(self, config: GateConfig) -> str:
         """Why the candidate was refused: each failed split and metric, candidate vs live vs the allowed bound."""
-        knob = {"fd": f"fd_tolerance {config.fd_tolerance:g}", "accuracy": f"accuracy_tolerance "
-                f"{config.accuracy_tolerance:g}"}
         return "; ".join(f"{r['split']} {r['metric']}: candidate {r['candidate']:.4g}, live {r['live']:.4g}, "
-                         f"allowed {r['op']} {r['bound']:.4g} ({knob[r['metric']]})" for r in self.failures)
+                         f"allowed {r['op']} {r['bound']:.4g} ({GATED[r['metric']]} "
+                         f"{getattr(config, GATED[r['metric']]):g})" for r in self.failures)
 
     def table(self) -> str:
         lines = [f"{'split':<9}{'metric':<11}{'candidate':>11}{'live':>11}{'allowed':>14}  verdict"]
@@ -88,16 +96,18 @@ def _value(value) -> str:
 
 
 def compare(candidate: dict, live: dict, config: GateConfig, live_source: str) -> Verdict:
-    """candidate and live: {split: {metric: value}}, every split of the config with every GATED metric."""
+    """candidate and live: {split: {metric: value}} with the same splits; every GATED metric the candidate's split
+    holds must meet its bound, the REPORTED ones are shown."""
     rows = []
-    for split in config.split_list():
-        for metric in GATED:
+    for split, scores in candidate.items():
+        for metric in (m for m in GATED if m in scores):
             op, limit = bound(metric, live[split][metric], config)
-            value = candidate[split][metric]
+            value = scores[metric]
             rows.append({"split": split, "metric": metric, "candidate": value, "live": live[split][metric],
                          "op": op, "bound": limit, "ok": value <= limit if op == "<=" else value >= limit})
-        rows += [{"split": split, "metric": metric, "candidate": candidate[split].get(metric),
-                  "live": live[split].get(metric), "op": None, "bound": None, "ok": True} for metric in REPORTED]
+        rows += [{"split": split, "metric": metric, "candidate": scores.get(metric),
+                  "live": live[split].get(metric), "op": None, "bound": None, "ok": True}
+                 for metric in REPORTED if metric in scores or metric in live[split]]
     return Verdict(rows, live_source)
 
 
@@ -115,7 +125,7 @@ def recorded_scores(info: dict, config: GateConfig) -> tuple[dict | None, str]:
         return None, f"its manifest's scores are at n {n}, the gate's n is {config.n}"
     if config.seed != 0 or config.evaluator != DEFAULT_EVALUATOR:
         return None, "its manifest's scores are at seed 0 with the shipped evaluator, and the gate's are not"
-    missing = [f"{split} {metric}" for split in config.split_list() for metric in GATED
+    missing = [f"{split} {metric}" for split in config.split_list() for metric in EVALUATOR_GATED
                if metric not in evals.get(split, {})]
     if missing:
         return None, f"its manifest records no {', '.join(missing)}"

@@ -6,7 +6,8 @@ worker after it set PROMETHEUS_MULTIPROC_DIR; objects created at import time in 
 `tbcm serve` gives its server its own multiprocess folder (cli/service.py), so two servers on one host never
 share or wipe each other's series.
 
-Per-request stages (queue_wait, image_encoding) and per-call stages (text_encoding, transformer, vae_decode: one
+Per-request stages (queue_wait, prompt_encoding: the text stage's work on its prompts, image_encoding) and
+per-call stages (text_encoding: waiting for the call's prompts, then reading them; transformer, vae_decode: one
 observation per generator call, whatever its size) are separate histograms, so a rate() of either family counts
 one kind of event.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 # 1 ms to 5 s in steps of sqrt(2) (1, 1.4, 2, 2.8, 4, 5.7 ms, ...): percentiles resolved to within ~20% anywhere
 LATENCY_BUCKETS = tuple(round(0.001 * 2 ** (i / 2), 6) for i in range(25)) + (5.0,)
 BATCH_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)
-REQUEST_STAGES = ("queue_wait", "image_encoding")
+REQUEST_STAGES = ("queue_wait", "prompt_encoding", "image_encoding")
 BATCH_STAGES = ("text_encoding", "transformer", "vae_decode")
 REJECT_REASONS = ("invalid", "not_found", "too_large", "unsupported_media_type", "queue_full", "deadline",
                   "timeout", "disconnected", "not_ready", "failed")
@@ -32,7 +33,7 @@ log = logging.getLogger("tbcm.service")
 
 @dataclass
 class Metrics:
-    request_stage_seconds: object  # Histogram{stage}: queue_wait and image_encoding, one per request
+    request_stage_seconds: object  # Histogram{stage}: queue_wait, prompt_encoding, image_encoding, per request
     batch_stage_seconds: object    # Histogram{stage}: text_encoding, transformer, vae_decode, one per generator call
     batch_size: object             # Histogram: images per generator call
     queue_depth: object            # Gauge: requests waiting for the generator
@@ -41,8 +42,8 @@ class Metrics:
     model_info: object             # Gauge{model, manifest_sha256}: 1 for the live model, 0 for models swapped out
     swaps: object                  # Counter: hot swaps that made a new model live
     swap_failures: object          # Counter: hot swaps refused or failed (the old model stayed live)
-    prompt_cache_hits: object      # Counter: distinct prompts of a generator call already encoded (cached)
-    prompt_cache_misses: object    # Counter: distinct prompts of a generator call that had to be encoded
+    prompt_cache_hits: object      # Counter: distinct prompts of a request already encoded (cached)
+    prompt_cache_misses: object    # Counter: distinct prompts of a request that had to be encoded
     _recent: Counter = field(default_factory=Counter)  # rejections since the last summary line
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -78,8 +79,9 @@ def worker_metrics() -> Metrics:
     from prometheus_client import Counter as PromCounter, Gauge, Histogram
 
     metrics = Metrics(
-        request_stage_seconds=Histogram("tbcm_request_stage_seconds", "Seconds per request in a stage "
-                                        "(queue_wait, image_encoding)", ["stage"], buckets=LATENCY_BUCKETS),
+        request_stage_seconds=Histogram("tbcm_request_stage_seconds", "Seconds per request in a "
+                                        "stage (queue_wait, prompt_encoding, image_encoding)", ["stage"],
+                                        buckets=LATENCY_BUCKETS),
         batch_stage_seconds=Histogram("tbcm_batch_stage_seconds", "Seconds per generator call in a stage "
                                       "(text_encoding, transformer, vae_decode)", ["stage"], buckets=LATENCY_BUCKETS),
         batch_size=Histogram("tbcm_batch_size", "Images per generator call", buckets=BATCH_BUCKETS),
@@ -90,9 +92,9 @@ def worker_metrics() -> Metrics:
                          "their tbcm.json", ["model", "manifest_sha256"], multiprocess_mode="livemax"),
         swaps=PromCounter("tbcm_swaps", "Hot swaps that made a new model live"),
         swap_failures=PromCounter("tbcm_swap_failures", "Hot swaps refused or failed (the old model stayed live)"),
-        prompt_cache_hits=PromCounter("tbcm_prompt_cache_hits", "Distinct prompts of a generator call found "
-                                      "in the encoded-prompt cache"),
-        prompt_cache_misses=PromCounter("tbcm_prompt_cache_misses", "Distinct prompts of a generator call that "
+        prompt_cache_hits=PromCounter("tbcm_prompt_cache_hits", "Distinct prompts of a request found in "
+                                      "the encoded-prompt cache"),
+        prompt_cache_misses=PromCounter("tbcm_prompt_cache_misses", "Distinct prompts of a request that "
                                         "had to be encoded"),
     )
     for stage in REQUEST_STAGES:  # every series exists from the start, so dashboards and tests see zeros, not gaps

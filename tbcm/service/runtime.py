@@ -157,10 +157,11 @@ class LoadedModel:
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
                 "load_seconds": round(self.load_seconds, 3)}
 
-    def cached_prompts(self, prompts: list[str]) -> int:
-        """How many of these distinct prompts the text encoder has cached (read on the generator thread, the only
-        one that encodes, right before the call)."""
-        return sum(self.pipe.text.is_cached(prompt) for prompt in prompts)
+    def encode_prompts(self, prompts: list[str]) -> int:
+        """Encode these distinct prompts into the text encoder's cache; returns how many were cached already."""
+        hits = sum(self.pipe.text.is_cached(prompt) for prompt in prompts)
+        self.pipe.text.encode(prompts)
+        return hits
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, size: int, guidance: list[float],
                  delay_s: float = 0.0):

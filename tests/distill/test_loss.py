@@ -138,3 +138,19 @@ def test_student_of_a_sparse_time_teacher_warns_that_it_does_not_start_as_the_te
     teacher = SanaTransformer2DModel.from_config({**tiny_transformer(student=False).config, "timestep_scale": 1.0})
     with pytest.warns(UserWarning, match="timestep_scale is 1.0.*dense time"):
         student_from_teacher(teacher)
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_detached_log_variance_head_trains_only_itself(detached):
+    """Sana's logvar head reads the time embedding, so its gradient also trains the transformer's time embedder;
+    with logvar_detached it trains the head alone."""
+    torch.manual_seed(0)
+    transformer = student_from_teacher(tiny_transformer(student=False))
+    student = Student(transformer, logvar_detached=detached)
+    torch.nn.init.normal_(student.logvar.weight)
+    pairs = make_pairs(dtype=torch.float32)
+    velocity, logvar = student(pairs.x_t / SIGMA_DATA, pairs.t, pairs.states, pairs.mask, pairs.guidance)
+    logvar.sum().backward()
+    embedder = [p.grad for name, p in transformer.named_parameters() if name.startswith("time_embed.")]
+    assert student.logvar.weight.grad.abs().sum() > 0
+    assert all(g is None for g in embedder) if detached else any(g is not None and g.abs().sum() > 0 for g in embedder)

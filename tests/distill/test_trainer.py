@@ -100,7 +100,7 @@ def test_frozen_modules_stay_the_teachers_while_the_rest_trains(tiny_teacher_dir
 
 
 def test_logvar_min_without_a_learned_weighting_is_refused(tiny_teacher_dir, tmp_path):
-    with pytest.raises(ValueError, match="--logvar-min bounds the learned weighting"):
+    with pytest.raises(ValueError, match="--logvar-min and --logvar-detached shape the learned weighting"):
         distiller_for(DistillConfig(teacher=str(tiny_teacher_dir), out=str(tmp_path), learn_logvar=False,
                                     logvar_min=-2.0, **TINY))
 

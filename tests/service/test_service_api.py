@@ -37,6 +37,18 @@ def test_generate_png_with_seed_header(client):
     assert again.content == response.content
 
 
+@pytest.mark.parametrize("text_stage", [True, False])
+def test_the_served_image_is_the_generators_with_the_text_stage_on_or_off(make_service, student_pipe, one_thread,
+                                                                          text_stage):
+    """Prompts encoded on the text stage's thread give the image a plain generator call gives, byte for byte."""
+    from tbcm.models.generator import Generator
+    from tbcm.service.engine import encode_image
+
+    served = make_service(text_stage=text_stage).post("/generate", json={"prompt": PROMPT, "seed": 7})
+    image = Generator(student_pipe, microbatch=ServiceConfig().microbatch).generate([PROMPT], [7]).images[0]
+    assert served.content == encode_image(image, "png", ServiceConfig().default_quality)
+
+
 def test_generate_picks_and_returns_a_seed_when_none_given(client):
     response = client.post("/generate", json={"prompt": PROMPT})
     seed = int(response.headers["x-seed"])

@@ -164,7 +164,7 @@ class SlowerThanEstimatedModel:
         self.clock, self.real, self.hold, self.torch = clock, real, threading.Event(), torch
         self.times = type("Times", (), {"estimate": lambda _self, steps, size, images: estimate})()
 
-    def cached_prompts(self, prompts) -> int:
+    def encode_prompts(self, prompts) -> int:
         return 0
 
     def generate(self, prompts, seeds, steps, size, guidance, delay_s=0.0):
@@ -269,6 +269,7 @@ def test_calls_take_whole_microbatches_while_more_than_one_is_waiting(waiting, c
         jobs += [job(images) for images in waiting]
         for queued in jobs[1:]:
             batcher.submit(queued)
+        assert all(queued.text_ready.wait(timeout=60) for queued in jobs)  # every one may join a call
         model.hold.set()
         assert all(answer(queued, clock)[0] == 200 for queued in jobs)
         assert model.calls == [1, *calls]
@@ -312,4 +313,138 @@ def test_a_warm_up_runs_call_by_call_with_queued_batches_between_its_calls():
         assert order == ["warm-up 0", "request", "warm-up 1", "warm-up 2"]
     finally:
         release.set()
+        batcher.close()
+
+
+class EncodingRecordingModel(RecordingModel):
+    """Also records which prompts the text stage encoded while the first generator call was still held, and
+    counts cache hits as a real prompt cache would."""
+
+    def __init__(self, clock: FakeClock):
+        super().__init__(clock)
+        self.encoded_while_held: list[str] = []
+        self.cache: set[str] = set()
+
+    def encode_prompts(self, prompts) -> int:
+        if not self.hold.is_set():
+            self.encoded_while_held += prompts
+        hits = sum(prompt in self.cache for prompt in prompts)
+        self.cache.update(prompts)
+        return hits
+
+
+@pytest.mark.parametrize("text_stage", [True, False])
+def test_queued_prompts_are_encoded_while_the_generator_runs_an_earlier_call(text_stage):
+    """With the text stage, the prompts of requests queued behind a running call are encoded before that call
+    ends; without it, only inside their own call. Hits and misses count distinct prompts either way."""
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+
+    clock = FakeClock()
+    model = EncodingRecordingModel(clock)
+    metrics = mock_metrics()
+    batcher = Batcher(ServiceConfig(text_stage=text_stage), metrics, clock)
+
+    def job(prompts: list[str]) -> Job:
+        return Job(model, prompts, list(range(len(prompts))), [4.5] * len(prompts), steps=1, size=16, deadline=1e9)
+
+    try:
+        jobs = [job(["first"])]
+        batcher.submit(jobs[0])
+        deadline = time.monotonic() + 60
+        while not batcher.state()["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        jobs += [job(["second", "second"]), job(["third", "first"])]
+        for queued in jobs[1:]:
+            batcher.submit(queued)
+        if text_stage:
+            assert all(queued.text_ready.wait(timeout=60) for queued in jobs)
+        model.hold.set()
+        assert all(answer(queued, clock)[0] == 200 for queued in jobs)
+        assert model.encoded_while_held == (["first", "second", "third", "first"] if text_stage else ["first"])
+        hits = sum(call.args[0] for call in metrics.prompt_cache_hits.inc.call_args_list)
+        misses = sum(call.args[0] for call in metrics.prompt_cache_misses.inc.call_args_list)
+        assert (hits, misses) == (1, 3)  # "first" again is the one hit
+    finally:
+        model.hold.set()
+        batcher.close()
+
+
+def test_closing_releases_a_call_waiting_for_prompts_the_text_stage_will_not_encode():
+    """Request X's prompt is still encoding when its client gives up; the next call, request A, waits for A's
+    prompt, which comes after X's. The service closes then, so the text stage stops before A's. The call goes on
+    (A's prompt is encoded inside it) and close returns at once, instead of the generator waiting for A forever."""
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+
+    clock = FakeClock()
+    model = EncodingRecordingModel(clock)
+    encoding, finish_encoding = threading.Event(), threading.Event()
+
+    def encode(prompts) -> int:
+        if prompts == ["X"]:
+            encoding.set()
+            assert finish_encoding.wait(timeout=60)
+        return 0
+
+    model.encode_prompts = encode
+    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    first, given_up, waiting = (Job(model, [name], [0], [4.5], steps=1, size=16, deadline=1e9) for name in "GXA")
+    try:
+        batcher.submit(first)
+        deadline = time.monotonic() + 60
+        while not batcher.state()["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        batcher.submit(given_up)
+        batcher.submit(waiting)
+        assert encoding.wait(timeout=60) and given_up.future.cancel()
+        model.hold.set()  # the generator finishes G, skips X, takes A and waits for its prompt
+        while batcher.state()["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        closing = threading.Thread(target=batcher.close)
+        closing.start()
+        time.sleep(0.2)  # close has released A, and the text stage is still inside X's encoding
+        finish_encoding.set()
+        closing.join(timeout=20)
+        assert not closing.is_alive()
+        assert answer(first, clock)[0] == 200 and answer(waiting, clock)[0] == 200
+    finally:
+        model.hold.set()
+        finish_encoding.set()
+
+
+def test_a_call_takes_later_requests_only_once_their_prompts_are_encoded():
+    """Two requests queue behind a running call; the second's prompt is still encoding when that call ends, so the
+    next call takes the first alone instead of waiting for the text stage, and the second gets its own call."""
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+
+    clock = FakeClock()
+    model = RecordingModel(clock)
+    release_text = threading.Event()
+
+    def encode(prompts) -> int:
+        if prompts == ["slow"]:
+            assert release_text.wait(timeout=60)
+        return 0
+
+    model.encode_prompts = encode
+    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    jobs = [Job(model, [name], [0], [4.5], steps=1, size=16, deadline=1e9) for name in ("first", "second", "slow")]
+    try:
+        batcher.submit(jobs[0])
+        deadline = time.monotonic() + 60
+        while not batcher.state()["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for job in jobs[1:]:
+            batcher.submit(job)
+        assert jobs[1].text_ready.wait(timeout=60) and not jobs[2].text_ready.is_set()
+        model.hold.set()
+        assert answer(jobs[1], clock)[0] == 200 and not jobs[2].future.done()
+        release_text.set()
+        assert answer(jobs[2], clock)[0] == 200
+        assert model.calls == [1, 1, 1]
+    finally:
+        model.hold.set()
+        release_text.set()
         batcher.close()

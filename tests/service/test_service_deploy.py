@@ -50,18 +50,28 @@ def shapes_student(tiny_student_dir, tmp_path):
 
 
 @pytest.fixture
-def deploy_to(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread, shapes_student):
-    """deploy_to(folder, *args) -> (exit code, the live model's spec after it); the live model: shapes_student."""
-    client = make_service(model=str(shapes_student), model_roots=str(tmp_path))
+def serve_and_deploy(make_service, monkeypatch, tmp_path, tiny_evaluator, one_thread):
+    """serve_and_deploy(live) -> deploy(folder, *args) -> (exit code, the live model's spec after it)."""
     monkeypatch.setenv("TBCM_ADMIN_TOKEN", TOKEN)
-    monkeypatch.setattr(deploy, "connect", lambda url: ServiceClient(url, http=client))
 
-    def run(folder, *args):
-        code = main(["deploy", str(folder), "--url", "http://testserver", "--n", str(N),
-                     "--evaluator", str(tiny_evaluator), *args])
-        return code, client.get("/info").json()["model"]["spec"]
+    def serve(live):
+        client = make_service(model=str(live), model_roots=str(tmp_path))
+        monkeypatch.setattr(deploy, "connect", lambda url: ServiceClient(url, http=client))
 
-    return run
+        def run(folder, *args):
+            code = main(["deploy", str(folder), "--url", "http://testserver", "--n", str(N),
+                         "--evaluator", str(tiny_evaluator), *args])
+            return code, client.get("/info").json()["model"]["spec"]
+
+        return run
+
+    return serve
+
+
+@pytest.fixture
+def deploy_to(serve_and_deploy, shapes_student):
+    """deploy_to(folder, *args) -> (exit code, the live model's spec after it); the live model: shapes_student."""
+    return serve_and_deploy(shapes_student)
 
 
 def test_a_worse_student_is_refused_with_the_reason_and_a_good_one_goes_live(deploy_to, shapes_student, tmp_path,
@@ -79,20 +89,61 @@ def test_a_worse_student_is_refused_with_the_reason_and_a_good_one_goes_live(dep
     assert "precision" in out and "recall" in out and "scored here" in out and "deployed" in out
 
 
-def test_a_folder_the_shapes_evaluator_cannot_score_needs_no_gate(deploy_to, shapes_student, tiny_student_dir, tmp_path,
-                                                                  capsys):
+def test_what_the_shapes_evaluator_cannot_score_is_gated_by_teacher_agreement_and_a_teacher_not_at_all(
+        deploy_to, shapes_student, tiny_student_dir, tmp_path, capsys):
     size32 = shutil.copytree(shapes_student, tmp_path / "size32")
     info = json.loads((size32 / "tbcm.json").read_text())
     (size32 / "tbcm.json").write_text(json.dumps({**info, "image_size": 32}))
     code, live = deploy_to(size32)
+    refusal = capsys.readouterr().err
     assert code == 2 and live == str(shapes_student)
-    assert "cannot be scored by the shapes world's evaluator" in capsys.readouterr().err
+    assert "gating by teacher agreement" in refusal and "renders 32 px images" in refusal
+    assert "records no teacher to measure agreement with; --teacher names it" in refusal
+    foreign = shutil.copytree(tiny_student_dir, tmp_path / "foreign")  # a student of no shapes-world teacher
+    assert deploy_to(foreign)[0] == 2
+    refusal = capsys.readouterr().err
+    assert "gating by teacher agreement" in refusal and "no shapes-world student" in refusal
     teacher_like = shutil.copytree(shapes_student, tmp_path / "teacher-like")
     (teacher_like / "tbcm.json").write_text(json.dumps({**info, "kind": "teacher"}))
-    assert deploy_to(teacher_like)[0] == 2 and "it is a teacher, not a one-step student" in capsys.readouterr().err
+    assert deploy_to(teacher_like)[0] == 2
+    assert "cannot be gated: it is a teacher, not a one-step student" in capsys.readouterr().err
     assert deploy_to(teacher_like, "--no-gate") == (0, str(teacher_like))
-    foreign = shutil.copytree(tiny_student_dir, tmp_path / "foreign")  # a student of no shapes-world teacher
-    assert deploy_to(foreign)[0] == 2 and "no shapes-world student" in capsys.readouterr().err
+
+@pytest.fixture
+def sana_student(teacher_pipe, tmp_path):
+    """A student of the tiny teacher, no shapes-world one (initialised from it, as distillation starts), with what
+    a distilled student's manifest records: the teacher's path and transformer sha256, and the prompt file."""
+    from tbcm.distill.student import student_from_teacher, student_pipeline
+    from tbcm.distill.teacher import teacher_fingerprint
+    from tbcm.models.pipeline import save_pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square on the left\n")
+    torch.manual_seed(0)
+    student = student_pipeline(teacher_pipe, student_from_teacher(teacher_pipe.transformer).eval())
+    manifest = {"teacher": teacher_fingerprint(teacher_pipe), "config": {"prompts": str(prompts)}}
+    return save_pipeline(student, tmp_path / "sana-live", info={**student.info, "kind": "student",
+                                                                  "manifest": manifest})
+
+
+def test_students_of_another_teacher_are_gated_by_teacher_agreement(serve_and_deploy, sana_student, tmp_path,
+                                                                     capsys):
+    deploy_to = serve_and_deploy(sana_student)
+    worse = perturbed_copy(sana_student, tmp_path / "worse", noise=0.3)
+    code, live = deploy_to(worse, "--agreement-n", "4")
+    captured = capsys.readouterr()
+    assert code == 1 and live == str(sana_student)
+    assert "gating by teacher agreement" in captured.err and "1 step psnr_db: candidate" in captured.err
+    assert "psnr_tolerance_db 0.5" in captured.err and "latent_mse" in captured.out
+    good = shutil.copytree(sana_student, tmp_path / "good")
+    assert deploy_to(good, "--agreement-n", "4") == (0, str(good))
+    other = shutil.copytree(sana_student, tmp_path / "other-teacher")
+    info = json.loads((other / "tbcm.json").read_text())
+    info["manifest"]["teacher"]["transformer_sha256"] = {"diffusion_pytorch_model.safetensors": "0" * 64}
+    (other / "tbcm.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert deploy_to(other, "--agreement-n", "4")[0] == 2
+    assert "is not recorded as a student of the teacher" in capsys.readouterr().err
 
 
 def gated(fd_train: float, accuracy_heldout: float) -> dict:
