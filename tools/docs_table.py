@@ -32,7 +32,8 @@ DRAWS = (("train", "train, seed 0"), ("heldout", "held out, seed 0"), ("heldout-
 # Table 2: (file, budget label, bank, training seed); the TBCM side is reported as its JSON's export says
 PAIRS = (("equal-time-r1-3600.json", "1 h", "8 shards", 0), ("equal-time-r1-seed1-3600.json", "1 h", "8 shards", 1),
          ("equal-time-r1-bank4-3600.json", "1 h", "4 shards", 0), ("equal-time-r1-1200.json", "20 min", "8 shards", 0),
-         ("equal-time-r1-bank4-1200.json", "20 min", "4 shards", 0))
+         ("equal-time-r1-bank4-1200.json", "20 min", "4 shards", 0),
+         ("equal-time-dmd-both-1200.json", "20 min, DMD on both sides", "4 shards", 0))
 PAIR_DRAWS = (("train-seed0", "train"), ("train-seed1", "train, `--seed 1`"), ("heldout-seed0", "held out"),
               ("heldout-seed1", "held out, `--seed 1`"))
 
