@@ -2,7 +2,7 @@
 weighting puts the student's gradient, step by step, against the student's quality. Prints a table, writes JSON.
 
     python -m benchmarks.probe_weighting --recipe tbcm --steps 250 --json docs/results/weighting-probe.json \
-        [--option=--no-learn-logvar ...]
+        [--no-learn-logvar | --logvar-detached | any other DistillConfig option over the recipe's]
 
 Every `--every` steps, on one fixed batch of pairs drawn at step 0 (its times split into `--bins` equal-count
 bins), per bin: the sCM per-pair MSE ||F - F^- - g||^2 / D, the learned logvar, the weight prior(t) e^{-logvar}
@@ -25,9 +25,9 @@ import torch
 
 from benchmarks.provenance import command
 from tbcm.cli.distill import sources
+from tbcm.cli.options import add_config_options, override_config
 from tbcm.distill.config import DistillConfig
-from tbcm.distill.loss import Pairs, prior_weight, scm_loss, tangent_r
-from tbcm.models.trigflow import SIGMA_DATA
+from tbcm.distill.loss import Pairs, scm_loss
 from tbcm.distill.trainer import Distiller
 
 
@@ -40,21 +40,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-n", type=int, default=128, help="images per evaluation")
     parser.add_argument("--bins", type=int, default=4, help="equal-count time bins of the fixed batch")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a DistillConfig field over the recipe's, repeatable: --option learn_logvar=false")
     parser.add_argument("--out", default="runs/probe-weighting", help="the run folder")
     parser.add_argument("--json", default="runs/probe-weighting/probe.json", help="where the JSON goes")
+    add_config_options(parser, DistillConfig, overrides=RECIPE_OVERRIDES)
     return parser.parse_args()
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    name, _, value = text.partition("=")
-    kinds = {f.name: f.type for f in dataclasses.fields(DistillConfig)}
-    if name not in kinds:
-        raise SystemExit(f"--option {text!r}: {name!r} is no DistillConfig field")
-    if kinds[name] in ("bool", bool):
-        return name, value.lower() in ("1", "true", "yes", "on")
-    return name, json.loads(value) if value[:1] in "-0123456789[" else value
 
 
 def subset(pairs: Pairs, index: torch.Tensor) -> Pairs:
@@ -66,24 +55,23 @@ def grad_norm(parameters) -> float:
     return float(torch.cat(grads).norm()) if grads else 0.0
 
 
+# the DistillConfig options a probe may set over its recipe: all but those the probe fixes itself
+PROBE_FIXED = ("recipe", "teacher", "prompts", "seed", "steps", "out", "eval_every", "sample_every", "agreement_n",
+               "eval_n", "checkpoint_every")
+RECIPE_OVERRIDES = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name not in PROBE_FIXED)
+
+
 def probe_bins(distiller: Distiller, pairs: Pairs, bins: list[torch.Tensor]) -> list[dict]:
     """Per time bin of the fixed batch: MSE, logvar, weight and the transformer gradient norm of its loss alone."""
-    config, student = distiller.config, distiller.student
-    r = tangent_r(distiller.schedule_position(), config.tangent_warmup, config.calm_down_start,
-                  config.calm_down_steps, config.final_r)
+    config, student, r = distiller.config, distiller.student, distiller.tangent_r()
     rows = []
     for index in bins:
         part = subset(pairs, index)
         distiller.optimizer.zero_grad(set_to_none=True)
         loss, stats = scm_loss(distiller.model, part, r, config.prior_weight, config.logvar_min)
         loss.backward()
-        with torch.no_grad():  # the weight prior(t) e^{-logvar} of each pair, as scm_loss applies it
-            logvar = distiller.model(part.x_t / SIGMA_DATA, part.t, part.states, part.mask, part.guidance)[1].float()
-            if config.logvar_min is not None:
-                logvar = logvar.clamp(min=config.logvar_min)
-            weight = prior_weight(part.t, config.prior_weight) * torch.exp(-logvar)
         rows.append({"t_min": float(part.t.min()), "t_max": float(part.t.max()), "mse": stats["mse"],
-                     "logvar": stats["logvar"], "weight": float(weight.mean()),
+                     "logvar": stats["logvar"], "weight": stats["weight"],
                      "grad_norm": grad_norm(student.transformer.parameters())})
     distiller.optimizer.zero_grad(set_to_none=True)
     return rows
@@ -91,10 +79,10 @@ def probe_bins(distiller: Distiller, pairs: Pairs, bins: list[torch.Tensor]) -> 
 
 def main() -> None:
     args = parse_args()
-    overrides = dict(parse_option(text) for text in args.option)
     config = DistillConfig.from_recipe(recipe=args.recipe, teacher="teacher", prompts="world", seed=args.seed,
                                        steps=args.steps, out=args.out, eval_every=0, sample_every=0,
-                                       agreement_n=0, eval_n=args.eval_n, checkpoint_every=10**9, **overrides)
+                                       agreement_n=0, eval_n=args.eval_n, checkpoint_every=10**9)
+    config = override_config(config, args, RECIPE_OVERRIDES)
     distiller = Distiller(config, sources(config))
     torch.manual_seed(args.seed + 1)
     fixed = distiller.make_pairs()[0]

@@ -97,6 +97,12 @@ def live_folder_here(live: dict, live_folder: str | None) -> tuple[Path | None, 
     return path, f"{shown_path(live['spec'])!r} scored here from {shown_path(path)}"
 
 
+def no_bar(live: dict, here: str, why: str = "") -> GateError:
+    """The refusal when the live model cannot be scored here (`here`: what was found) and has no other bar (`why`)."""
+    return GateError(f"no bar to compare with: the live model {live['spec']!r} cannot be scored here ({here}; "
+                     f"--live-folder names a copy){' and ' + why if why else ''}")
+
+
 def live_scores(live: dict, config: GateConfig, live_folder: str | None) -> tuple[dict, str]:
     """(the live model's shapes-evaluator scores, where they came from): its folder scored here, else its
     manifest's records."""
@@ -105,8 +111,7 @@ def live_scores(live: dict, config: GateConfig, live_folder: str | None) -> tupl
         return score(path, config), f"{here}, n {config.n}, seed {config.seed}"
     scores, why = recorded_scores(live["manifest"], config)
     if scores is None:
-        raise GateError(f"no bar to compare with: the live model {live['spec']!r} cannot be scored here ({here}; "
-                        f"--live-folder names a copy) and {why}")
+        raise no_bar(live, here, why)
     return scores, f"{live['spec']!r}: {why} ({here})"
 
 
@@ -131,8 +136,7 @@ def agreement_verdict(folder: Path, info: dict, live: dict, config: GateConfig, 
                         f"{prompt_file!r}); --prompts names one")
     path, here = live_folder_here(live, args.live_folder)
     if path is None:
-        raise GateError(f"no bar to compare with: the live model {live['spec']!r} cannot be scored here ({here}; "
-                        f"--live-folder names a copy)")
+        raise no_bar(live, here)
     reference = teacher_reference(teacher_pipe, read_prompt_file(prompt_file), config.agreement_n)
 
     def scores(student: Path) -> dict:

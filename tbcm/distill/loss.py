@@ -90,9 +90,10 @@ def scm_loss(student: Student | torch.nn.Module, pairs: Pairs, r: float, prior: 
                                pairs.guidance)
     logvar = logvar.float() if logvar_min is None else logvar.float().clamp(min=logvar_min)
     per_pair = (velocity.float() - f_minus.float() - g.float()).square().flatten(1).mean(1)
-    weighted = prior_weight(pairs.t, prior) * torch.exp(-logvar) * per_pair + logvar
-    loss = weighted_mean(weighted, pairs.weight)
-    return loss, {"mse": float(per_pair.detach().mean()), "logvar": float(logvar.detach().mean())}
+    weight = prior_weight(pairs.t, prior) * torch.exp(-logvar)  # what the loss puts on each pair's MSE
+    loss = weighted_mean(weight * per_pair + logvar, pairs.weight)
+    return loss, {"mse": float(per_pair.detach().mean()), "logvar": float(logvar.detach().mean()),
+                  "weight": float(weight.detach().mean())}
 
 
 def one_step(student: Student | torch.nn.Module, starts: Pairs) -> torch.Tensor:

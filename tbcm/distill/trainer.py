@@ -131,7 +131,7 @@ class Distiller(TrainingRun):
         t0 = time.perf_counter()
         pairs, dropped, starts = self.make_pairs()
         position = self.schedule_position()
-        r = tangent_r(position, config.tangent_warmup, config.calm_down_start, config.calm_down_steps, config.final_r)
+        r = self.tangent_r()
         student = self.accelerator.unwrap_model(self.model)
         self.optimizer.param_groups[0]["lr"] = learning_rate(config, position + 1)  # the student's; heads: ladd_lr
         with self.accelerator.autocast():
@@ -190,6 +190,12 @@ class Distiller(TrainingRun):
     def continues(self) -> bool:
         """Whether another step runs: steps remain (unless the schedule is fitted to the budget) and budget does."""
         return (self.config.fit_schedule_to_budget or self.step < self.config.steps) and self.budget_spent() < 1
+
+    def tangent_r(self) -> float:
+        """The tangent's r at this step of the schedules (warm-up, calm-down: `tangent_r`)."""
+        config = self.config
+        return tangent_r(self.schedule_position(), config.tangent_warmup, config.calm_down_start,
+                         config.calm_down_steps, config.final_r)
 
     def schedule_position(self) -> int:
         """The step the schedules read: the step itself, or with fit_schedule_to_budget the budget's spent share of

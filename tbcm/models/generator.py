@@ -9,6 +9,7 @@ guidance and size, never on the batch around it.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,14 @@ class Generation:
                                                                  #   float32, as the transformer sees it
 
 
+def weak_method(method):
+    """`method`, called through a weak reference to its object: a runner that holds it does not keep that object
+    alive, so a Generator (and its pipeline's weights) is freed by reference counting once unused: no reference
+    cycle, no full garbage collection needed after a hot swap (tests/service/test_service_runtime.py)."""
+    ref = weakref.WeakMethod(method)
+    return lambda *inputs: ref()(*inputs)
+
+
 class Generator:
     """Runs a pipeline in fixed microbatches of `microbatch` rows (the last one padded): CPU and GPU kernels pick
     different reduction orders for different batch sizes, so one fixed shape is what makes an image independent
@@ -55,8 +64,13 @@ class Generator:
         self.device = next(pipe.transformer.parameters()).device
         self.dtype = next(pipe.transformer.parameters()).dtype
         self.kernels_installed = maybe_install_kernels(pipe.transformer, use_kernels)
-        self.one_step = CudaGraphRunner(self._one_step, batch_buckets=(microbatch,))
-        self.decode = CudaGraphRunner(self._decode, batch_buckets=(microbatch,))
+        self.one_step = CudaGraphRunner(weak_method(self._one_step), batch_buckets=(microbatch,))
+        self.decode = CudaGraphRunner(weak_method(self._decode), batch_buckets=(microbatch,))
+
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether its calls capture CUDA graphs (a call that captures must have the device alone)."""
+        return self.one_step.available and self.device.type == "cuda"
 
     @property
     def default_steps(self) -> int:

@@ -22,11 +22,13 @@ model's prompt cache as it arrives, so the prompts of queued requests are encode
 the transformer for earlier ones (text encoding is the largest cost per image on CPU: docs/results.md, Table 4).
 The generator call waits for its requests' prompts, then finds them cached. A prompt's states do not depend on the
 thread or on its company (TextEncoder encodes fixed-shape chunks), so images are the same with the stage off.
-Warm-up calls hold the device alone: the text thread waits while one runs (CUDA-graph capture must not overlap
-another thread's kernels).
+A warm-up call that captures CUDA graphs holds the device alone: the text thread waits while it runs (capture must
+not overlap another thread's kernels); other warm-up calls (on the CPU) run beside the text stage, so a hot swap's
+warm-up does not stop prompt encoding for the live model's requests.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -90,14 +92,14 @@ class Batcher:
         self.config, self.metrics = config, metrics
         self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
         self._queue: deque[Job] = deque()
-        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._calls: deque[tuple[Callable, Future, bool]] = deque()  # (fn, its future, whether it needs the device alone)
         self._after_call = False  # the last work was a call: queued jobs go before the next one
         self._cond = threading.Condition()
         self._running: tuple[float, float] | None = None  # (start, estimated seconds) of the call in progress
         self._closed = False
         self._text_jobs: deque[Job] = deque()  # admitted jobs whose prompts the text stage has not encoded yet
         self._text_seconds = 0.0  # the text stage's running seconds per job (EMA), for the backlog estimate
-        self._device_alone = threading.Lock()  # held by a warm-up call, and by the text stage around each encode
+        self._device_alone = threading.Lock()  # held by a graph-capturing call, and by the text stage per encode
         self._thread = threading.Thread(target=self._loop, name="tbcm-generator", daemon=True)
         self._thread.start()
         if config.text_stage:
@@ -139,7 +141,7 @@ class Batcher:
                 job.text_ready.set()  # a generator call waiting for one goes on (and fails or finishes) at once
             self._text_jobs.clear()
             self._cond.notify_all()
-        for _, future in calls:
+        for _, future, _ in calls:
             future.set_exception(RuntimeError("the service is shutting down"))
         for job in waiting:
             if job.future.set_running_or_notify_cancel():
@@ -165,12 +167,13 @@ class Batcher:
             total += self._batch_seconds(key, rest) if rest else 0.0
         return max(total, text)
 
-    def call(self, fn: Callable[[], object]) -> Future:
-        """Run `fn` on the generator thread before the next batch (model warm-up: all device work on one thread,
-        so CUDA-graph capture never overlaps another thread's kernels)."""
+    def call(self, fn: Callable[[], object], alone: bool) -> Future:
+        """Run `fn` on the generator thread before the next batch (model warm-up). With `alone` (a call that captures
+        CUDA graphs) the text stage waits until it ends, so the capture never overlaps another thread's kernels;
+        without, the text stage goes on encoding queued prompts beside it."""
         future = Future()
         with self._cond:
-            self._calls.append((fn, future))
+            self._calls.append((fn, future, alone))
             self._cond.notify_all()
         return future
 
@@ -208,7 +211,7 @@ class Batcher:
         self.metrics.prompt_cache_hits.inc(hits)
         self.metrics.prompt_cache_misses.inc(len(distinct) - hits)
 
-    def _next_work(self) -> tuple[Callable, Future] | list[Job] | None:
+    def _next_work(self) -> tuple[Callable, Future, bool] | list[Job] | None:
         """Block for work: a pending call, else the oldest job plus every queued job that can share its generator
         call (never two calls in a row while jobs wait, so a warm-up of many calls cannot hold requests back);
         None once closed."""
@@ -254,9 +257,9 @@ class Batcher:
     def _loop(self) -> None:
         while (work := self._next_work()) is not None:
             if isinstance(work, tuple):
-                fn, future = work
+                fn, future, alone = work
                 try:
-                    with self._device_alone:
+                    with self._device_alone if alone else contextlib.nullcontext():
                         future.set_result(fn())
                 except Exception as err:
                     future.set_exception(err)

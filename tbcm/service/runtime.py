@@ -209,16 +209,18 @@ def load_model(spec: str, config: ServiceConfig) -> LoadedModel:
 
 
 def warm_up_calls(model: LoadedModel) -> list[Callable[[], object]]:
-    """The warm-up, as separate generator calls: each cheap step count and size once to pay one-time costs
-    (untimed), then once more, timed, to seed the time model. Run one by one on the generator thread, they let
-    the live model's batches run between them (a hot swap does not stall serving for the whole warm-up)."""
+    """The warm-up, as separate generator calls: per size, one untimed call at the default step count to pay the
+    one-time costs (the weights' first use; with CUDA the capture of the one-step and decode graphs, which every
+    step count shares), then each cheap step count once, timed, to seed the time model. Run one by one on the
+    generator thread, they let the live model's batches run between them (a hot swap does not stall serving for
+    the whole warm-up)."""
     gen = model.generator
     step_counts = range(1, min(WARMUP_STEPS, gen.max_steps) + 1) if model.pipe.is_student else [gen.default_steps]
     rows = gen.microbatch
     prompts, seeds, guidance = [WARMUP_PROMPT] * rows, list(range(rows)), [DEFAULT_GUIDANCE] * rows
     calls = []
-    for steps in step_counts:
-        for size in model.sizes:
-            calls.append(functools.partial(gen.generate, prompts, seeds, steps=steps, guidance=guidance, size=size))
-            calls.append(functools.partial(model.generate, prompts, seeds, steps, size, guidance))
+    for size in model.sizes:
+        calls.append(functools.partial(gen.generate, prompts, seeds, steps=gen.default_steps, guidance=guidance,
+                                       size=size))
+        calls += [functools.partial(model.generate, prompts, seeds, steps, size, guidance) for steps in step_counts]
     return calls

@@ -297,7 +297,7 @@ def test_a_warm_up_runs_call_by_call_with_queued_batches_between_its_calls():
 
     def warm_up() -> None:  # what Engine._load does with warm_up_calls(model)
         for i in range(3):
-            batcher.call(lambda i=i: warm_up_call(i)).result(timeout=60)
+            batcher.call(lambda i=i: warm_up_call(i), alone=True).result(timeout=60)
 
     model.hold.set()
     swapping = threading.Thread(target=warm_up)
@@ -447,4 +447,40 @@ def test_a_call_takes_later_requests_only_once_their_prompts_are_encoded():
     finally:
         model.hold.set()
         release_text.set()
+        batcher.close()
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_the_text_stage_pauses_only_for_calls_that_need_the_device_alone(alone):
+    """A request arrives while a warm-up call runs: its prompts are encoded during that call unless the call needs
+    the device alone (CUDA-graph capture), in which case only after it."""
+    from tbcm.service.batcher import Batcher, Job
+    from tbcm.service.config import ServiceConfig
+
+    clock = FakeClock()
+    model = EncodingRecordingModel(clock)
+    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    running, release = threading.Event(), threading.Event()
+    job = Job(model, ["queued"], [0], [4.5], steps=1, size=16, deadline=1e9)
+
+    def warm_up_call():
+        running.set()
+        assert release.wait(timeout=60)
+        return job.text_ready.is_set()
+
+    try:
+        done = batcher.call(warm_up_call, alone=alone)
+        assert running.wait(timeout=60)
+        batcher.submit(job)
+        if not alone:
+            assert job.text_ready.wait(timeout=60)
+        else:
+            time.sleep(0.3)  # time enough for the text stage, were it free to run
+        release.set()
+        assert done.result(timeout=60) is (not alone)
+        model.hold.set()
+        assert answer(job, clock)[0] == 200
+    finally:
+        release.set()
+        model.hold.set()
         batcher.close()
