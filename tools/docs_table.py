@@ -240,6 +240,16 @@ def block_seeds() -> str:
     return "\n".join(lines)
 
 
+def steps_header(first: str) -> str:
+    return (f"| {first} | train: FD / accuracy | train: precision / recall | held out: FD / accuracy "
+            "| held out: precision / recall |\n|---|---|---|---|---|")
+
+
+def steps_row(label: str, train: dict, heldout: dict) -> str:
+    return f"| {label} | " + " | ".join(f"{fa(r)} | {r['precision']:.3f} / {r['recall']:.3f}"
+                                        for r in (train, heldout)) + " |"
+
+
 def block_steps() -> str:
     """docs/results.md: the shipped student at 1, 2 and 4 steps beside the teacher, with diversity (recall)."""
     table = load(f"{RESULTS}/steps-n2048.json")
@@ -247,13 +257,10 @@ def block_steps() -> str:
     current = all(r["transformer_sha256"] == transformer_sha(f"weights/{r['model']}")
                   for r in table["rows"] if r["model"] != "real")
     lines = [] if current else [f"**{STALE}**", ""]
-    lines += ["| model, steps (NFE) | train: FD / accuracy | train: precision / recall | held out: FD / accuracy "
-              "| held out: precision / recall |", "|---|---|---|---|---|"]
+    lines += [steps_header("model, steps (NFE)")]
     for model, steps, label in (("student", 1, "student, 1 (1)"), ("student", 2, "student, 2 (2)"),
                                 ("student", 4, "student, 4 (4)"), ("teacher", 16, "teacher, 16 (32)")):
-        cells = [f"{fa(r)} | {r['precision']:.3f} / {r['recall']:.3f}"
-                 for r in (rows[(model, steps, split)] for split in ("train", "heldout"))]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+        lines.append(steps_row(label, rows[(model, steps, "train")], rows[(model, steps, "heldout")]))
     recall = [rows[("student", 1, split)]["recall"] / rows[("teacher", 16, split)]["recall"]
               for split in ("train", "heldout")]
     lines += ["", f"One-step recall against the teacher's: {recall[0]:.2f}x (train), {recall[1]:.2f}x (held out)."]
@@ -319,9 +326,34 @@ def block_serving() -> str:
 
 
 
+def block_published_detached() -> str:
+    """docs/results.md section 10: the published `tbcm` recipe with the detached log-variance head, 1400 steps, at
+    n = 2048 against the teacher (Table 1's rows) and beside the shipped student, then at 1, 2 and 4 steps."""
+    steps = load(f"{RESULTS}/steps-tbcm-detached-1400.json")["rows"]
+    ours = {(r.get("steps", 0), r["split"]): r for r in steps if r["model"] != "real"}
+    ours[(1, "heldout-seed1")] = load(f"{RESULTS}/eval-tbcm-detached-1400-heldout-seed1.json")
+    rows = load(f"{RESULTS}/table1.json")["rows"]
+    shipped = {(r.get("steps", 0), r["split"]): r for r in load(f"{RESULTS}/steps-n2048.json")["rows"]}
+    lines = ["| split, draw (n = 2048) | teacher, 16 steps | `tbcm` + `--logvar-detached`, 1 step | FD / teacher's "
+             "(bar <= 1.3x) | accuracy / teacher's (bar >= 0.95x) | bars met | recall / teacher's "
+             "| shipped student: FD, accuracy / teacher's |", "|---|---|---|---|---|---|---|---|"]
+    for key, label in DRAWS:
+        s, t, shipped_row = ours[(1, key)], rows[f"teacher-{key}"], rows[f"student-{key}"]
+        met = s["fd"] / t["fd"] <= BARS["fd"] and s["accuracy"] / t["accuracy"] >= BARS["accuracy"]
+        teacher_recall = shipped.get((16, key), {}).get("recall")
+        recall = f"{s['recall'] / teacher_recall:.2f}x" if teacher_recall else "-"
+        lines.append(f"| {label} | {fa(t)} | {fa(s)} | {ratio(s, t, 'fd')} | {ratio(s, t, 'accuracy')} | "
+                     f"{'yes' if met else '**no**'} | {recall} | {ratio(shipped_row, t, 'fd')}, "
+                     f"{ratio(shipped_row, t, 'accuracy')} |")
+    lines += ["", steps_header("steps (NFE)")]
+    lines += [steps_row(f"{count} ({count})", ours[(count, "train")], ours[(count, "heldout")]) for count in (1, 2, 4)]
+    return "\n".join(lines)
+
+
 BLOCKS = {"README.md": {"numbers": block_numbers},
           "docs/results.md": {"table1": block_table1, "seeds": block_seeds, "steps": block_steps,
-                              "table2": block_table2, "serving": block_serving}}
+                              "table2": block_table2, "serving": block_serving,
+                              "published_detached": block_published_detached}}
 
 
 def render(text: str, blocks: dict) -> tuple[str, list[str]]:

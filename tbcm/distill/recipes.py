@@ -17,7 +17,8 @@ from __future__ import annotations
 STEPS = 1400  # the shipped student's step count, which every recipe runs
 SCALE = STEPS / 20000  # upstream schedule lengths -> ours (see the module docstring)
 UPSTREAM_SCHEDULE = {"steps": STEPS, "tangent_warmup": round(4000 * SCALE)}  # sCM/Sprint/TBCM tangent warm-up: 280
-SCM = {**UPSTREAM_SCHEDULE, "prior_weight": "tan", "learn_logvar": True}  # sCM eq. 14 weighting: prior x learned
+# sCM eq. 14 weighting: prior x learned, the log-variance head on the attached time embedding (Sana's, upstream's)
+SCM = {**UPSTREAM_SCHEDULE, "prior_weight": "tan", "learn_logvar": True, "logvar_detached": False}
 DMD = {"dmd_weight": 0.1, "dmd_fake_updates": 4, "dmd_shift": 1.0}  # the shipped DMD term (rCM's recipe)
 SPRINT_TIMES = {"p_mean": 0.2, "p_std": 1.6}  # Sana-Sprint's released sCM time proposal (its yaml; paper: 0.0)
 

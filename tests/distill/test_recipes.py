@@ -49,6 +49,7 @@ def test_options_given_beside_a_recipe_win_and_the_manifest_says_so():
     assert (config.prior_weight, config.steps, config.seed, config.learn_logvar) == ("tan", 7, 3, False)
     assert recipe_changes(config) == {"prior_weight": ["uniform", "tan"], "steps": [1400, 7]}
     assert parsed("--recipe", "tbcm", "--no-learn-logvar").learn_logvar is False
+    assert recipe_changes(parsed("--recipe", "tbcm", "--logvar-detached")) == {"logvar_detached": [False, True]}
     assert parsed().recipe == "" and parsed() == DistillConfig()  # no recipe: the config's defaults
 
 
