@@ -92,7 +92,7 @@ class Batcher:
         self.config, self.metrics = config, metrics
         self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
         self._queue: deque[Job] = deque()
-        self._calls: deque[tuple[Callable, Future, bool]] = deque()  # (fn, its future, whether it needs the device alone)
+        self._calls: deque[tuple[Callable, Future, bool]] = deque()  # (fn, its future, needs the device alone)
         self._after_call = False  # the last work was a call: queued jobs go before the next one
         self._cond = threading.Condition()
         self._running: tuple[float, float] | None = None  # (start, estimated seconds) of the call in progress
