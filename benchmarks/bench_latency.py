@@ -34,7 +34,7 @@ from tbcm.models.generator import TEACHER_DEFAULT_STEPS, Generator
 from tbcm.models.pipeline import load_pipeline
 from tbcm.service.config import ServiceConfig
 from tbcm.service.engine import encode_image
-from tbcm.service.runtime import pick_device, resolve_spec
+from tbcm.service.runtime import pick_device, resolve_spec, rows_per_pass
 
 
 STAGES = ("text_encoding", "transformer", "vae_decode", "image_encoding", "total")
@@ -161,12 +161,13 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
         specs = {"student": args.student, "teacher": args.teacher}
     paths = {kind: resolve_spec(spec) for kind, spec in specs.items()}  # a missing model is an error, no fallback
     device = pick_device(ServiceConfig().device)
+    rows = rows_per_pass(ServiceConfig(microbatch=args.microbatch))
     pipes = {kind: load_pipeline(path, device=device) for kind, path in paths.items()}
     if not pipes["student"].is_student or pipes["teacher"].is_student:
         raise ValueError(f"--student must be a student and --teacher a teacher, got {specs}")
     steps = {"student": 1, "teacher": TEACHER_DEFAULT_STEPS}
     report = {"command": provenance_command(), "machine": {**machine(), "torch_threads": torch.get_num_threads()},
-              "config": {"repeats": args.repeats, "warmup": WARMUP, "microbatch": args.microbatch, "batch": 1,
+              "config": {"repeats": args.repeats, "warmup": WARMUP, "microbatch": rows, "batch": 1,
                          "prompt": prompt(0).replace("0", "N (distinct per call)"), "device": str(device)},
               "models": {kind: {"spec": "tiny" if args.tiny else specs[kind], "path": str(paths[kind]),
                                 "transformer_sha256": transformer_sha256(paths[kind]),
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict:
                          for kind in specs},
               "in_process": {}, "http": {}}
     for kind, pipe in pipes.items():
-        generator = Generator(pipe, microbatch=args.microbatch)
+        generator = Generator(pipe, microbatch=rows)
         report["in_process"][kind] = in_process(generator, steps[kind], args.repeats)
     report["throughput"] = throughput(pipes["student"], max(3, args.repeats // 4))
     served = [] if args.no_http else ["student"] + (["teacher"] if args.http_teacher else [])

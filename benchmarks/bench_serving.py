@@ -54,7 +54,8 @@ def parse_args() -> argparse.Namespace:
     defaults = ServiceConfig()
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="the server's max_batch")
     parser.add_argument("--microbatch", type=int, default=defaults.microbatch,
-                        help="rows per pass, in the server and the in-process generator alike")
+                        help="rows per pass, in the server and the in-process generator alike (0: the "
+                             "service's default for the device)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra `tbcm serve` argument for A/B runs, repeatable: --serve-arg=--switch-interval-ms=5")
     parser.add_argument("--repeat-ratio", type=float, default=0.0,
@@ -92,12 +93,12 @@ def load_generator(path: Path, threads: int, microbatch: int):
 
     from tbcm.models.generator import Generator
     from tbcm.models.pipeline import load_pipeline
-    from tbcm.service.runtime import generator_threads, pick_device
+    from tbcm.service.runtime import generator_threads, pick_device, rows_per_pass
 
     config = ServiceConfig(threads=threads, microbatch=microbatch)
     if threads := generator_threads(config):
         torch.set_num_threads(threads)
-    generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=microbatch)
+    generator = Generator(load_pipeline(path, device=pick_device(config.device)), microbatch=rows_per_pass(config))
     for seed in range(3):
         generator.generate([PROMPT], [seed])
     return generator
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
                                               "manifest": info}, "phases": {}}
     phases = report["phases"]
     generator = load_generator(path, args.threads, args.microbatch)
-    report["server_args"] = {"threads": args.threads, "max_batch": args.max_batch, "microbatch": args.microbatch,
+    report["server_args"] = {"threads": args.threads, "max_batch": args.max_batch, "microbatch": generator.microbatch,
                              "extra": args.serve_arg}
     proc, url = start_server(str(path), args.threads, ("--max-batch", str(args.max_batch),
                                                        "--microbatch", str(args.microbatch), *args.serve_arg))

@@ -118,8 +118,9 @@ def main() -> None:
                       "relative_update": float((after - before).norm() / before.norm())})
         if distiller.step % args.every == 0:
             rate = distiller.step / (time.perf_counter() - started)
-            print(f"step {distiller.step}/{args.steps} ({rate:.2f} steps/s, ETA {(args.steps - distiller.step) / rate:.0f}"
-                  f" s): loss {record['loss']:.4g} logvar {record['logvar']:.2f} update "
+            eta = (args.steps - distiller.step) / rate
+            print(f"step {distiller.step}/{args.steps} ({rate:.2f} steps/s, ETA {eta:.0f} s): loss "
+                  f"{record['loss']:.4g} logvar {record['logvar']:.2f} update "
                   f"{steps[-1]['relative_update']:.2e}", flush=True)
     evals.append({"step": distiller.step, **distiller.sources.evaluator.evaluate(
         distiller.pipeline(), args.eval_n, distiller.sources.evaluator.splits[0])})

@@ -8,7 +8,7 @@ never the block. Sources (all repo-relative, standard library only, no model is 
 - weights/teacher/tbcm.json -> eval, weights/student/tbcm.json -> manifest.eval: the folders' own evals, n = 512;
 - docs/results/table1.json: Table 1 of record, n = 2048, with the sha256 of the transformers it was measured on;
 - docs/results/equal-time-*.json: Table 2, the side-by-side pairs;
-- docs/results/latency.json, docs/results/serving.json, docs/results/serving-no-text-stage.json: speed and
+- docs/results/latency.json, docs/results/serving.json and its variants (SERVING_VARIANTS): speed and
   serving.
 A benchmark that cannot be tied to the shipped student (its transformer's sha256 or its training manifest) is
 labelled "measured on an earlier student: to be re-measured" instead of being shown as current.
@@ -181,12 +181,17 @@ def block_numbers() -> str:
     return "\n".join(lines + (["", cached] if cached else []))
 
 
-def text_stage_side_by_side(on: dict) -> list[str]:
-    """The service with its text stage (the default) and without, from two runs of bench_serving."""
-    off = load(f"{RESULTS}/serving-no-text-stage.json")
-    lines = [f"The text stage side by side (`{RESULTS}/serving.json` and `{RESULTS}/serving-no-text-stage.json`, the "
-             f"second with `--serve-arg=--no-text-stage`):", "",
-             "| | text stage on (default) | text stage off |", "|---|---|---|"]
+SERVING_VARIANTS = (("microbatch 4 (padded passes)", "serving-microbatch4.json", "--microbatch 4"),
+                    ("text stage off", "serving-no-text-stage.json", "--serve-arg=--no-text-stage"))
+
+
+def serving_side_by_side(default: dict) -> list[str]:
+    """The service with its defaults beside each variant of SERVING_VARIANTS, one bench_serving run each."""
+    variants = [(label, load(f"{RESULTS}/{name}"), name, flag) for label, name, flag in SERVING_VARIANTS]
+    lines = [f"Defaults and variants side by side (`{RESULTS}/serving.json`, then "
+             + ", ".join(f"`{RESULTS}/{name}` with `{flag}`" for _, _, name, flag in variants) + "):", "",
+             "| | defaults | " + " | ".join(label for label, *_ in variants) + " |",
+             "|---|---|" + "---|" * len(variants)]
 
     def latency(run: dict, phase: str, q: str) -> float:
         return run["phases"][phase]["latency_ms"][q]
@@ -198,7 +203,8 @@ def text_stage_side_by_side(on: dict) -> list[str]:
                 f"{r['phases']['poisson70']['throughput_rps']:.1f}, {latency(r, 'poisson70', 'p50'):.1f} / "
                 f"{latency(r, 'poisson70', 'p99'):.1f}"),
             "Poisson p99 / unloaded p50": lambda r: f"{latency(r, 'poisson70', 'p99') / latency(r, 'c1', 'p50'):.2f}x"}
-    return lines + [f"| {label} | {show(on)} | {show(off)} |" for label, show in rows.items()]
+    runs = [default] + [run for _, run, *_ in variants]
+    return lines + [f"| {label} | " + " | ".join(show(run) for run in runs) + " |" for label, show in rows.items()]
 
 
 def block_table1() -> str:
@@ -326,14 +332,16 @@ def block_serving() -> str:
         shown = f"{value:.3f}" if isinstance(value, float) else f"`{json.dumps(value)}`"
         lines.append(f"| {goal} | {shown} | {'yes' if result['met'] else '**no**'} |")
     cached = cached_prompts_note(serving)
-    return "\n".join(lines + (["", cached] if cached else []) + ["", *text_stage_side_by_side(serving)])
+    return "\n".join(lines + (["", cached] if cached else []) + ["", *serving_side_by_side(serving)])
 
 
 
 
 # section 10's arms: (label, bench_quality JSON at 1, 2 and 4 steps, tbcm eval JSON of held out at --seed 1)
 DETACHED_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
-                  "eval-tbcm-detached-1400-heldout-seed1.json"),)
+                  "eval-tbcm-detached-1400-heldout-seed1.json"),
+                 ("`tbcm+synthetic` + `--logvar-detached`", "steps-tbcm-synthetic-detached-1400.json",
+                  "eval-tbcm-synthetic-detached-1400-heldout-seed1.json"))
 
 
 def block_published_detached() -> str:

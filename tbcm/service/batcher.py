@@ -89,6 +89,9 @@ class BatchResult:
 
 class Batcher:
     def __init__(self, config: ServiceConfig, metrics: Metrics, clock: Callable[[], float] = time.monotonic):
+        """`config.microbatch` is the generator's real pass size (the engine resolves 0 to the device's default)."""
+        if config.microbatch < 1:
+            raise ValueError(f"the batcher needs the generator's rows per pass, got microbatch {config.microbatch}")
         self.config, self.metrics = config, metrics
         self._clock = clock  # time.monotonic; tests pass a fake clock that a fake model advances
         self._queue: deque[Job] = deque()

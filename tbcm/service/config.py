@@ -29,8 +29,10 @@ class ServiceConfig:
     model_roots: str = ""  # folders, comma-separated, whose pipeline folders a hot swap may load (shipped names and
                            # model-store tags always may); empty: no folders
     sizes: str = ""  # allowed square image sizes in pixels, comma-separated; empty: the model's default size only
-    max_batch: int = 4  # most images in one generator call (equal (steps, size) share one); = microbatch: one pass
-    microbatch: int = 4  # rows per transformer/VAE pass (calls are padded to a multiple: batch-independent images)
+    max_batch: int = 4  # most images in one generator call (equal (steps, size) share one)
+    microbatch: int = 0  # rows per transformer/VAE pass; calls are padded to a multiple, so an image never depends
+                         # on its batch. 0: 1 on CPU (a pass costs what its rows cost, padding only wastes), 4 on
+                         # CUDA (a padded pass costs little more than one row)
     max_queue: int = 64  # requests waiting for the generator; one more is answered 429 at once
     request_timeout_s: float = 10.0  # unanswered by then: 504; estimated to miss it: 503 up front
     deadline_margin: float = 1.25  # deadline checks stretch batch-time estimates by this (>= 1): 503 early, not 504
@@ -50,13 +52,15 @@ class ServiceConfig:
     simulated_delay_s: float = 0.0  # drills and tests only: extra seconds every batch takes after warm-up (keep 0)
 
     def __post_init__(self):
-        positive = ("max_batch", "microbatch", "max_queue", "max_n", "max_prompt_chars", "max_body_bytes",
+        positive = ("max_batch", "max_queue", "max_n", "max_prompt_chars", "max_body_bytes",
                     "encode_threads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or min(self.simulated_delay_s, self.threads, self.switch_interval_ms) < 0:
-            raise ValueError("request_timeout_s must be > 0; simulated_delay_s, threads, switch_interval_ms >= 0")
+        if self.request_timeout_s <= 0 or min(self.simulated_delay_s, self.threads, self.switch_interval_ms,
+                                              self.microbatch) < 0:
+            raise ValueError("request_timeout_s must be > 0; simulated_delay_s, threads, switch_interval_ms, "
+                             "microbatch >= 0")
         if self.deadline_margin < 1:
             raise ValueError(f"deadline_margin must be at least 1, got {self.deadline_margin}")
         if self.default_format not in IMAGE_FORMATS:

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from PIL import Image
@@ -26,7 +26,8 @@ from tbcm.service.config import ServiceConfig
 from tbcm.models.pipeline import PipelineError, shown_path
 
 from tbcm.service.metrics import REJECT_LOG_INTERVAL_S, Metrics
-from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, same_text_encoder, warm_up_calls
+from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, rows_per_pass, same_text_encoder, \
+    warm_up_calls
 from tbcm.service.schema import ImageRequest
 
 log = logging.getLogger("tbcm.service")
@@ -69,6 +70,7 @@ def encode_image(pixels, fmt: str, quality: int) -> bytes:
 
 class Engine:
     def __init__(self, config: ServiceConfig, metrics: Metrics, on_fatal: Callable[[str], None]):
+        config = replace(config, microbatch=rows_per_pass(config))  # the batcher rounds calls to the real pass size
         self.config, self.metrics = config, metrics
         self.model: LoadedModel | None = None
         self.error: str | None = None

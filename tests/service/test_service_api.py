@@ -45,7 +45,9 @@ def test_the_served_image_is_the_generators_with_the_text_stage_on_or_off(make_s
     from tbcm.service.engine import encode_image
 
     served = make_service(text_stage=text_stage).post("/generate", json={"prompt": PROMPT, "seed": 7})
-    image = Generator(student_pipe, microbatch=ServiceConfig().microbatch).generate([PROMPT], [7]).images[0]
+    from tbcm.service.runtime import rows_per_pass
+
+    image = Generator(student_pipe, microbatch=rows_per_pass(ServiceConfig())).generate([PROMPT], [7]).images[0]
     assert served.content == encode_image(image, "png", ServiceConfig().default_quality)
 
 
@@ -86,8 +88,9 @@ def test_negative_prompt_is_accepted_and_reported_ignored(client):
     assert negative.content == plain.content
 
 
-def test_same_seed_alone_and_inside_a_concurrent_batch_gives_identical_png(make_service):
-    client = make_service(simulated_delay_s=1.0)
+@pytest.mark.parametrize("microbatch", [0, 4])  # the default (on CPU one row a pass), and padded passes (CUDA's)
+def test_same_seed_alone_and_inside_a_concurrent_batch_gives_identical_png(make_service, microbatch):
+    client = make_service(simulated_delay_s=1.0, microbatch=microbatch)
     alone = client.post("/generate", json={"prompt": PROMPT, "seed": 42})
     assert alone.headers["x-batch-size"] == "1"
     blocker = threading.Thread(target=client.post, args=("/generate",), kwargs={"json": {"prompt": "x"}})

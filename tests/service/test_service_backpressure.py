@@ -194,7 +194,7 @@ def test_deadline_margin_turns_504s_from_slow_batches_into_503s_before_compute(m
 
     clock = FakeClock()
     model = SlowerThanEstimatedModel(clock, estimate=1.0, real=1.5)
-    batcher = Batcher(ServiceConfig(deadline_margin=margin), mock_metrics(), clock)
+    batcher = Batcher(ServiceConfig(microbatch=1, deadline_margin=margin), mock_metrics(), clock)
 
     def job(timeout: float) -> Job:
         return Job(model, [PROMPT], [0], [4.5], steps=1, size=16, deadline=clock.now + timeout, arrived=clock.now)
@@ -286,7 +286,7 @@ def test_a_warm_up_runs_call_by_call_with_queued_batches_between_its_calls():
 
     clock = FakeClock()
     model = RecordingModel(clock)
-    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    batcher = Batcher(ServiceConfig(microbatch=1), mock_metrics(), clock)
     order, first_call_running, release = [], threading.Event(), threading.Event()
 
     def warm_up_call(i: int):
@@ -343,7 +343,7 @@ def test_queued_prompts_are_encoded_while_the_generator_runs_an_earlier_call(tex
     clock = FakeClock()
     model = EncodingRecordingModel(clock)
     metrics = mock_metrics()
-    batcher = Batcher(ServiceConfig(text_stage=text_stage), metrics, clock)
+    batcher = Batcher(ServiceConfig(microbatch=1, text_stage=text_stage), metrics, clock)
 
     def job(prompts: list[str]) -> Job:
         return Job(model, prompts, list(range(len(prompts))), [4.5] * len(prompts), steps=1, size=16, deadline=1e9)
@@ -388,7 +388,7 @@ def test_closing_releases_a_call_waiting_for_prompts_the_text_stage_will_not_enc
         return 0
 
     model.encode_prompts = encode
-    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    batcher = Batcher(ServiceConfig(microbatch=1), mock_metrics(), clock)
     first, given_up, waiting = (Job(model, [name], [0], [4.5], steps=1, size=16, deadline=1e9) for name in "GXA")
     try:
         batcher.submit(first)
@@ -429,7 +429,7 @@ def test_a_call_takes_later_requests_only_once_their_prompts_are_encoded():
         return 0
 
     model.encode_prompts = encode
-    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    batcher = Batcher(ServiceConfig(microbatch=1), mock_metrics(), clock)
     jobs = [Job(model, [name], [0], [4.5], steps=1, size=16, deadline=1e9) for name in ("first", "second", "slow")]
     try:
         batcher.submit(jobs[0])
@@ -459,7 +459,7 @@ def test_the_text_stage_pauses_only_for_calls_that_need_the_device_alone(alone):
 
     clock = FakeClock()
     model = EncodingRecordingModel(clock)
-    batcher = Batcher(ServiceConfig(), mock_metrics(), clock)
+    batcher = Batcher(ServiceConfig(microbatch=1), mock_metrics(), clock)
     running, release = threading.Event(), threading.Event()
     job = Job(model, ["queued"], [0], [4.5], steps=1, size=16, deadline=1e9)
 
@@ -474,8 +474,11 @@ def test_the_text_stage_pauses_only_for_calls_that_need_the_device_alone(alone):
         batcher.submit(job)
         if not alone:
             assert job.text_ready.wait(timeout=60)
-        else:
-            time.sleep(0.3)  # time enough for the text stage, were it free to run
+        else:  # the text stage has taken the job; it encodes only under the lock, which the call holds
+            deadline = time.monotonic() + 60
+            while batcher._text_jobs and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert not batcher._text_jobs and batcher._device_alone.locked() and not job.text_ready.is_set()
         release.set()
         assert done.result(timeout=60) is (not alone)
         model.hold.set()

@@ -47,12 +47,21 @@ def test_generator_threads_leave_one_cpu_core_to_http_unless_set(monkeypatch):
     assert generator_threads(ServiceConfig(device="cpu")) == 1
 
 
+def test_rows_per_pass_is_one_on_cpu_four_on_cuda_unless_set():
+    from tbcm.service.runtime import rows_per_pass
+
+    assert rows_per_pass(ServiceConfig(device="cpu")) == 1
+    assert rows_per_pass(ServiceConfig(device="cuda")) == 4
+    assert rows_per_pass(ServiceConfig(device="cpu", microbatch=8)) == 8
+
+
 @pytest.mark.parametrize("env,message", [({"TBCM_MAX_BATCH": "lots"}, "TBCM_MAX_BATCH='lots'"),
                                          ({"TBCM_MAX_QUEUE": "0"}, "max_queue must be at least 1"),
                                          ({"TBCM_DEFAULT_FORMAT": "gif"}, "default_format"),
                                          ({"TBCM_SIZES": "16,big"}, "sizes must be"),
                                          ({"TBCM_DEADLINE_MARGIN": "0.9"}, "deadline_margin must be at least 1"),
-                                         ({"TBCM_SWITCH_INTERVAL_MS": "-1"}, "switch_interval_ms >= 0"),
+                                         ({"TBCM_SWITCH_INTERVAL_MS": "-1"}, "switch_interval_ms"),
+                                         ({"TBCM_MICROBATCH": "-1"}, "microbatch >= 0"),
                                          ({"TBCM_ACCESS_LOG": "maybe"}, "TBCM_ACCESS_LOG='maybe'")])
 def test_bad_config_is_refused_naming_the_knob(env, message):
     with pytest.raises(ValueError, match=message):
