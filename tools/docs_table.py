@@ -337,21 +337,24 @@ def block_serving() -> str:
 
 
 
-# section 10's arms: (label, bench_quality JSON at 1, 2 and 4 steps, tbcm eval JSON of held out at --seed 1)
-DETACHED_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
-                  "eval-tbcm-detached-1400-heldout-seed1.json"),
-                 ("`tbcm+synthetic` + `--logvar-detached`", "steps-tbcm-synthetic-detached-1400.json",
-                  "eval-tbcm-synthetic-detached-1400-heldout-seed1.json"))
+# section 10's arms, the ablation chain from the published recipe: (label, bench_quality JSON at 1, 2 and 4 steps,
+# tbcm eval JSON of held out at --seed 1)
+CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
+               "eval-tbcm-detached-1400-heldout-seed1.json"),
+              ("`tbcm+synthetic` + `--logvar-detached`", "steps-tbcm-synthetic-detached-1400.json",
+               "eval-tbcm-synthetic-detached-1400-heldout-seed1.json"),
+              ("`tbcm+synthetic` + uniform weighting", "steps-tbcm-synthetic-uniform-1400.json",
+               "eval-tbcm-synthetic-uniform-1400-heldout-seed1.json"))
 
 
 def block_published_detached() -> str:
-    """docs/results.md section 10: the published `tbcm` recipe (and the chain's next links) with the detached
-    log-variance head, 1400 steps, at n = 2048 against the teacher (Table 1's rows) and beside the shipped
+    """docs/results.md section 10: the published `tbcm` recipe with the detached log-variance head, and the chain's
+    next links, 1400 steps each, at n = 2048 against the teacher (Table 1's rows) and beside the shipped
     student, then at 1, 2 and 4 steps."""
     rows = load(f"{RESULTS}/table1.json")["rows"]
     shipped = {(r.get("steps", 0), r["split"]): r for r in load(f"{RESULTS}/steps-n2048.json")["rows"]}
     arms = []
-    for label, steps_file, seed1_file in DETACHED_ARMS:
+    for label, steps_file, seed1_file in CHAIN_ARMS:
         ours = {(r.get("steps", 0), r["split"]): r for r in load(f"{RESULTS}/{steps_file}")["rows"]
                 if r["model"] != "real"}
         ours[(1, "heldout-seed1")] = load(f"{RESULTS}/{seed1_file}")
