@@ -1,4 +1,5 @@
-"""TBCM ablations at equal training time: time sampling and points per trajectory (docs/results.md, Table 3).
+"""TBCM ablations at equal training time: time sampling and points per trajectory (results of an earlier
+teacher: git history).
 
 Time sampling along the teacher trajectory (route / lognormal / uniform, K-1 points), points per trajectory
 (1 / 4 / K-1, route sampling), K = --route-points, and the baseline plus the LADD branch (--ladd); the baseline

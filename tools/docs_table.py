@@ -337,7 +337,7 @@ def block_serving() -> str:
 
 
 
-# section 10's arms, the ablation chain from the published recipe: (label, bench_quality JSON at 1, 2 and 4 steps,
+# section 9's arms, the ablation chain from the published recipe: (label, bench_quality JSON at 1, 2 and 4 steps,
 # tbcm eval JSON of held out at --seed 1)
 CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
                "eval-tbcm-detached-1400-heldout-seed1.json"),
@@ -348,7 +348,7 @@ CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
 
 
 def block_published_detached() -> str:
-    """docs/results.md section 10: the published `tbcm` recipe with the detached log-variance head, and the chain's
+    """docs/results.md section 9: the published `tbcm` recipe with the detached log-variance head, and the chain's
     next links, 1400 steps each, at n = 2048 against the teacher (Table 1's rows) and beside the shipped
     student, then at 1, 2 and 4 steps."""
     rows = load(f"{RESULTS}/table1.json")["rows"]

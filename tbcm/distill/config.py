@@ -62,7 +62,7 @@ class DistillConfig(TrainConfig):
     learn_logvar: bool = True             # learn the log-variance weighting (sCM eq. 14); off: logvar stays 0
     logvar_detached: bool = False         # the log-variance head reads the time embedding detached, so its gradient
                                           #   trains the head only; off: as Sana's logvar_linear, it also trains
-                                          #   the transformer's time and guidance embedders (docs/results.md, §9)
+                                          #   the transformer's time and guidance embedders (docs/results.md, §8)
     logvar_min: float | None = None       # lower bound on the learned logvar, i.e. at most e^-min extra weight
     prior_weight: str = "tan"             # per-pair prior: "tan" = 1/(sigma_d tan t) (sCM eq. 14), "uniform" = 1
     degenerate_std: float = 0.05          # an endpoint whose latent spatial std is below this is near-constant

@@ -4,7 +4,7 @@ The student transformer is `SanaTransformer2DModel(guidance_embeds=True)` initia
 guidance embedder's last layer zeroed so that at step 0 it computes exactly the teacher's conditional velocity
 (Sana-Sprint arXiv 2503.09641, §3.2 and Tab. 4: the CFG scale as an input). The log-variance head reads the
 time(+guidance) embedding, as Sana's `logvar_linear` does (or, with `logvar_detached`, that embedding detached, so
-that its gradient trains the head alone: docs/results.md, section 9), and is dropped at export.
+that its gradient trains the head alone: docs/results.md, section 8), and is dropped at export.
 """
 from __future__ import annotations
 
