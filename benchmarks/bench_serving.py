@@ -303,12 +303,12 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    args = parse_args()
+def run_and_report(name: str, args: argparse.Namespace, run, table) -> int:
+    """A serving benchmark's main: run(args) -> report, written to args.json_out, printed with table(report)."""
     try:
         report = run(args)
     except ValueError as err:  # PipelineError: the model is missing or broken
-        print(f"bench_serving: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -316,6 +316,10 @@ def main() -> int:
     print(table(report))
     print(f"wrote {out}")
     return 0
+
+
+def main() -> int:
+    return run_and_report("bench_serving", parse_args(), run, table)
 
 
 if __name__ == "__main__":

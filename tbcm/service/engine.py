@@ -5,7 +5,9 @@ Hot swap: the new model is loaded in a thread beside the old one and warmed up o
 a time, with the live model's batches running between those calls, then becomes live with one reference
 assignment; requests already queued keep the model they were validated against (see batcher.py), so no request
 fails or changes model mid-flight. When the new model's text encoder encodes like the live one's, the new model
-takes the live one's encoder, and with it the encoded-prompt cache.
+takes the live one's encoder, and with it the encoded-prompt cache; when its calls do the same work
+(`same_costs`: same configs, dtypes, sizes), it takes the live one's call times too and warms up with one call per
+size instead of one per step count (docs/operators.md section 5 has the numbers).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from tbcm.service.config import ServiceConfig
 from tbcm.models.pipeline import PipelineError, shown_path
 
 from tbcm.service.metrics import REJECT_LOG_INTERVAL_S, Metrics
-from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, rows_per_pass, same_text_encoder, \
-    warm_up_calls
+from tbcm.service.runtime import LoadedModel, check_swap_spec, load_model, rows_per_pass, same_costs, \
+    same_text_encoder, warm_up_calls
 from tbcm.service.schema import ImageRequest
 
 log = logging.getLogger("tbcm.service")
@@ -106,11 +108,14 @@ class Engine:
             model.pipe.text = live.pipe.text
             log.info("hot swap: %r shares the live model's text encoder and prompt cache", spec)
         loaded = time.perf_counter()
-        calls = warm_up_calls(model)
+        inherit = live is not None and same_costs(live, model)
+        if inherit:  # its calls cost what the live one's do: no timed warm-up calls
+            model.times.seed_from(live.times)
+        calls = warm_up_calls(model, timed=not inherit)
         for call in calls:
             self.batcher.call(call, alone=model.generator.captures_graphs).result()
-        log.info("model %r loaded in %.2f s, warmed up in %.2f s (%d generator calls)", spec, loaded - started,
-                 time.perf_counter() - loaded, len(calls))
+        log.info("model %r loaded in %.2f s, warmed up in %.2f s (%d generator calls%s)", spec, loaded - started,
+                 time.perf_counter() - loaded, len(calls), "; the live model's call times" if inherit else "")
         freeze_heap()
         model.load_seconds = time.perf_counter() - started
         return model

@@ -117,6 +117,13 @@ class BatchTimeModel:
             slower = old is None or per_chunk > old  # follow slowdowns at once, speed-ups gradually
             self._per_chunk[(steps, size)] = per_chunk if slower else old + EMA_WEIGHT * (per_chunk - old)
 
+    def seed_from(self, other: "BatchTimeModel") -> None:
+        """Start from `other`'s times: a model whose calls cost what `other`'s model's do (`same_costs`)."""
+        with other._lock:
+            known = dict(other._per_chunk)
+        with self._lock:
+            self._per_chunk.update(known)
+
     def estimate(self, steps: int, size: int, images: int) -> float:
         with self._lock:
             known = dict(self._per_chunk)
@@ -221,14 +228,28 @@ def load_model(spec: str, config: ServiceConfig) -> LoadedModel:
                        manifest_sha256(pipe))
 
 
-def warm_up_calls(model: LoadedModel) -> list[Callable[[], object]]:
+def same_costs(a: LoadedModel, b: LoadedModel) -> bool:
+    """Whether a generator call of `b` does the work of the same call of `a`: the same transformer and VAE
+    configs (the weights' values change no operation), dtypes, sizes, rows per pass, device and graph capture."""
+    def costs(model: LoadedModel) -> tuple:
+        pipe = model.pipe
+        configs = [{k: v for k, v in module.config.items() if not k.startswith("_")}
+                   for module in (pipe.transformer, pipe.vae)]
+        return (configs, pipe.transformer.dtype, pipe.vae.dtype, model.sizes, model.generator.microbatch,
+                pipe.text.device, model.generator.captures_graphs)
+    return costs(a) == costs(b)
+
+
+def warm_up_calls(model: LoadedModel, timed: bool = True) -> list[Callable[[], object]]:
     """The warm-up, as separate generator calls: per size, one untimed call at the default step count to pay the
     one-time costs (the weights' first use; with CUDA the capture of the one-step and decode graphs, which every
-    step count shares), then each cheap step count once, timed, to seed the time model. Run one by one on the
-    generator thread, they let the live model's batches run between them (a hot swap does not stall serving for
-    the whole warm-up)."""
+    step count shares), then, if `timed`, each cheap step count once, timed, to seed the time model (a hot swap to
+    a model of the live one's `same_costs` takes the live one's times instead). Run one by one on the generator
+    thread, they let the live model's batches run between them (a hot swap does not stall serving for the whole
+    warm-up)."""
     gen = model.generator
     step_counts = range(1, min(WARMUP_STEPS, gen.max_steps) + 1) if model.pipe.is_student else [gen.default_steps]
+    step_counts = step_counts if timed else []
     rows = gen.microbatch
     prompts, seeds, guidance = [WARMUP_PROMPT] * rows, list(range(rows)), [DEFAULT_GUIDANCE] * rows
     calls = []
