@@ -14,10 +14,12 @@ encoded-prompt cache only helps as much as it would with real users; each phase 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -40,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "a small red circle in the middle"  # the in-process generator's warm-up
 SHED = {"200", "429", "503"}
+POISSON_LOAD = 0.7  # the tail phase's rate, as a share of the 16-client throughput
 
 
 def parse_args() -> argparse.Namespace:
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         phases["c1"] = phase(url, replace(base, mode="closed", concurrency=1), mix)
         phases["c16"] = phase(url, replace(base, mode="closed", concurrency=16), mix)
         sustainable = phases["c16"]["throughput_rps"]
-        phases["poisson70"] = phase(url, replace(base, mode="open", rate=0.7 * sustainable), mix)
+        phases["poisson70"] = phase(url, replace(base, mode="open", rate=POISSON_LOAD * sustainable), mix)
         rss_before = rss_mb(proc.pid)
         phases["overload3x"] = phase(url, replace(base, mode="open", rate=3 * sustainable,
                                                   duration_s=args.overload_s), mix, proc.pid)
@@ -273,6 +276,31 @@ def goals(p: dict) -> dict:
     return result
 
 
+@functools.lru_cache
+def md1_waits(load: float, arrivals: int = 200_000) -> tuple[float, ...]:
+    """The sorted waits of `arrivals` requests in an M/D/1 queue (Poisson arrivals, one server, every request
+    taking 1 time unit) at `load` (arrival rate x service time), by Lindley's recursion W' = max(0, W + 1 - gap),
+    seeded."""
+    rng, wait, waits = random.Random(0), 0.0, []
+    for _ in range(arrivals):
+        waits.append(wait)
+        wait = max(0.0, wait + 1 - rng.expovariate(load))
+    return tuple(sorted(waits))
+
+
+def md1_wait_quantile(load: float, q: float = 0.99) -> float:
+    waits = md1_waits(load)
+    return waits[int(q * len(waits))]
+
+
+def poisson_floor(p: dict) -> tuple[float, float, float]:
+    """(p99 ms, wait p99 in service times, service ms) of an ideal single queue at the tail phase's load: every
+    request served in 1 / (16-client throughput), after the unloaded p50 of its own work. Without a cheaper service
+    under load (batching economy), no scheduler of one such server has a lower p99 (operators.md section 6)."""
+    wait, service_ms = md1_wait_quantile(POISSON_LOAD), 1000 / p["c16"]["throughput_rps"]
+    return p["c1"]["latency_ms"]["p50"] + wait * service_ms, wait, service_ms
+
+
 def table(report: dict) -> str:
     p = report["phases"]
     over = p["overhead"]
@@ -289,6 +317,10 @@ def table(report: dict) -> str:
         server = run["server"]
         stages = " ".join(f"{stage} {ms:.1f}" for stage, ms in server["stage_ms_mean"].items())
         rows.append(("  server side", f"{server['images_per_call']} images/call", f"mean ms: {stages}"))
+        if name == "poisson70":
+            floor, wait, service_ms = poisson_floor(p)
+            rows.append(("  one ideal queue (M/D/1)", f"p99 {floor:.1f} ms", f"unloaded p50 + the p99 wait, "
+                         f"{wait:.2f} x {service_ms:.1f} ms (1 / c16 throughput)"))
         rows.append(("  prompts", f"repeat fraction {run['prompts']['repeat_fraction']:g}",
                      f"server prompt-cache hit ratio {run['prompt_cache']['hit_ratio']}"))
         slowest = run["latency_breakdown_ms"].get("slowest_1pct")

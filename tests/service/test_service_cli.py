@@ -74,6 +74,16 @@ def test_percentile_is_nearest_rank():
     assert percentile([7.0], 99) == 7.0
 
 
+def test_the_ideal_queue_floor_matches_m_d_1_theory():
+    """bench_serving's floor for the tail goal: in an M/D/1 queue at load rho a request waits with probability
+    rho, and the mean wait is rho / (2 (1 - rho)) service times (Pollaczek-Khinchine)."""
+    from benchmarks.bench_serving import md1_wait_quantile, md1_waits
+
+    assert md1_wait_quantile(0.7, q=0.28) == 0.0 < md1_wait_quantile(0.7, q=0.32)
+    assert sum(md1_waits(0.7)) / len(md1_waits(0.7)) == pytest.approx(0.7 / (2 * 0.3), rel=0.05)
+    assert 6 < md1_wait_quantile(0.7) < 7 and md1_wait_quantile(0.5) < md1_wait_quantile(0.7)
+
+
 def test_report_counts_only_the_measured_window_and_goodput_against_the_slo():
     recorder = Recorder(LoadTestConfig(warmup_s=1, duration_s=2, slo_ms=100, body='{"n": 2}'))
     recorder.add(0.5, "200", 5.0)                  # warm-up: excluded
