@@ -134,13 +134,20 @@ def overhead(url: str, generator, load: LoadTestConfig, mix: PromptMix, rounds: 
 
 def start_server(model: str, threads: int, extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """`tbcm serve` on a free local port (plus `extra_args`, e.g. ("--microbatch", "1")), once /readyz is 200."""
+    port = free_port()
+    return launch([sys.executable, "-m", "tbcm.cli.main", "serve", "--model", model, "--port", str(port), "--host",
+                   "127.0.0.1", "--threads", str(threads), *extra_args], port, model)
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "tbcm.cli.main", "serve", "--model", model, "--port", str(port), "--host",
-               "127.0.0.1", "--threads", str(threads), *extra_args]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return sock.getsockname()[1]
+
+
+def launch(command: list[str], port: int, what: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server `command` listening on `port`; return it and its URL once its /readyz answers 200."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline and proc.poll() is None:
@@ -151,7 +158,7 @@ def start_server(model: str, threads: int, extra_args: tuple[str, ...] = ()) -> 
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit(f"bench_serving: the service for {model!r} did not become ready (exit code {proc.poll()})")
+    raise SystemExit(f"bench_serving: the service for {what!r} did not become ready (exit code {proc.poll()})")
 
 
 STAGE_FAMILIES = ("tbcm_request_stage_seconds", "tbcm_batch_stage_seconds")  # per request, per generator call
