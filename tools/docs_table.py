@@ -347,7 +347,8 @@ CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
                "eval-tbcm-synthetic-uniform-1400-heldout-seed1.json"),
               ("`tbcm+synthetic` + uniform weighting, 2 of 15 states", "steps-tbcm-synthetic-uniform-2pts-1400.json",
                "eval-tbcm-synthetic-uniform-2pts-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic` + uniform weighting, 2 states, cosine schedule", "steps-tbcm-synthetic-uniform-2pts-cosine-1400.json",
+              ("`tbcm+synthetic` + uniform weighting, 2 states, cosine schedule",
+               "steps-tbcm-synthetic-uniform-2pts-cosine-1400.json",
                "eval-tbcm-synthetic-uniform-2pts-cosine-1400-heldout-seed1.json"))
 
 
