@@ -349,7 +349,9 @@ CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
                "eval-tbcm-synthetic-uniform-2pts-1400-heldout-seed1.json"),
               ("`tbcm+synthetic` + uniform weighting, 2 states, cosine schedule",
                "steps-tbcm-synthetic-uniform-2pts-cosine-1400.json",
-               "eval-tbcm-synthetic-uniform-2pts-cosine-1400-heldout-seed1.json"))
+               "eval-tbcm-synthetic-uniform-2pts-cosine-1400-heldout-seed1.json"),
+              ("`tbcm+synthetic+dmd` (the shipped recipe; this bank)", "steps-tbcm-synthetic-dmd-1400.json",
+               "eval-tbcm-synthetic-dmd-1400-heldout-seed1.json"))
 
 
 def block_published_detached() -> str:
