@@ -12,7 +12,7 @@ SEED ?= 0
 WORLD_RUNS ?= runs/world# where `make world` keeps its training runs
 WEIGHTS ?= weights# where `make world` ships; point it elsewhere to re-make the world beside the shipped one
 
-.PHONY: install lock check-latest test serve demo gpu-check world teacher teacher-phases student equal-time docs
+.PHONY: install lock check-latest test serve demo gpu-check world teacher teacher-phases student equal-time equal-time-grid docs
 
 LOCK := requirements.lock# every dependency, direct and transitive, at its exact version (made by `make lock`)
 SERVE_LOCK := requirements-serve.lock# the same versions, serving's share only: what the bento installs
@@ -94,6 +94,11 @@ student: install
 equal-time: install
 	STUDENT_BANK_OPTS="$(STUDENT_BANK_OPTS)" STUDENT_SOURCE="$(STUDENT_SOURCE)" STUDENT_RECIPE="$(STUDENT_RECIPE)" \
 		bash benchmarks/equal_time.sh $(BUDGET) $(EQUAL_TIME_RUNS)
+
+# The symmetric equal-time study: TBCM, endpoint-only synthetic sCM and data-sCM, each with and without DMD's term, 20
+# minutes each, training seeds 0 and 1, two at a time (benchmarks/equal_time_grid.py; about 2.5 hours on 2 cores)
+equal-time-grid: install
+	$(BIN)/python -m benchmarks.equal_time_grid --budget 1200 --seeds 0 1 --out runs/grid --json docs/results/grid-1200.json
 
 gpu-check: install
 	bash benchmarks/gpu_check.sh

@@ -7,7 +7,8 @@ Each block sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` and is gen
 never the block. Sources (all repo-relative, standard library only, no model is loaded):
 - weights/teacher/tbcm.json -> eval, weights/student/tbcm.json -> manifest.eval: the folders' own evals, n = 512;
 - docs/results/table1.json: Table 1 of record, n = 2048, with the sha256 of the transformers it was measured on;
-- docs/results/equal-time-*.json: Table 2, the side-by-side pairs;
+- docs/results/equal-time-*.json: Table 2, the side-by-side pairs, and docs/results/grid-*.json, the symmetric
+  equal-time study (the distillation blocks are tools/docs_distill.py; what all blocks share, tools/docs_common.py);
 - docs/results/latency.json, docs/results/serving.json and its variants (SERVING_VARIANTS): speed and
   serving.
 A benchmark that cannot be tied to the shipped student (its transformer's sha256 or its training manifest) is
@@ -16,80 +17,13 @@ labelled "measured on an earlier student: to be re-measured" instead of being sh
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import re
 import sys
-from functools import lru_cache
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = "docs/results"
-STALE = "measured on an earlier student: to be re-measured"
-BARS = {"fd": 1.3, "accuracy": 0.95}  # one-step bars: FD at most 1.3x the teacher's, accuracy at least 0.95x
-DRAWS = (("train", "train, seed 0"), ("heldout", "held out, seed 0"), ("heldout-seed1", "held out, `--seed 1`"))
-# Table 2: (file, budget label, bank, training seed); the TBCM side is reported as its JSON's export says
-PAIRS = (("equal-time-r1-3600.json", "1 h", "8 shards", 0), ("equal-time-r1-seed1-3600.json", "1 h", "8 shards", 1),
-         ("equal-time-r1-bank4-3600.json", "1 h", "4 shards", 0), ("equal-time-r1-1200.json", "20 min", "8 shards", 0),
-         ("equal-time-r1-bank4-1200.json", "20 min", "4 shards", 0),
-         ("equal-time-dmd-both-1200.json", "20 min, DMD on both sides", "4 shards", 0))
-PAIR_DRAWS = (("train-seed0", "train"), ("train-seed1", "train, `--seed 1`"), ("heldout-seed0", "held out"),
-              ("heldout-seed1", "held out, `--seed 1`"))
-
-
-def load(path: str) -> dict:
-    return json.loads((ROOT / path).read_text())
-
-
-@lru_cache(maxsize=None)
-def sha256(path: str) -> str:
-    return hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
-
-
-def transformer_sha(folder: str) -> str:
-    return sha256(f"{folder}/transformer/diffusion_pytorch_model.safetensors")
-
-
-def student_manifest() -> dict:
-    return load("weights/student/tbcm.json")["manifest"]
-
-
-def on_shipped_student(record: dict | None) -> bool:
-    """Whether a benchmark's model record names the shipped student: by transformer sha256, else by its training
-    manifest (what `tbcm.json` -> manifest holds: config, counters, eval of the run that made it)."""
-    if not record:
-        return False
-    if record.get("transformer_sha256"):
-        return record["transformer_sha256"] == transformer_sha("weights/student")
-    manifest = record.get("manifest") or {}
-    manifest = manifest.get("manifest", manifest)  # a whole tbcm.json, or its manifest
-    return bool(manifest) and manifest == student_manifest()
-
-
-def fa(row: dict) -> str:
-    return f"{row['fd']:.1f} / {row['accuracy']:.3f}"
-
-
-def ratio(student: dict, teacher: dict, key: str) -> str:
-    return f"{student[key] / teacher[key]:.{2 if key == 'fd' else 3}f}x"
-
-
-def bars_met(student: dict, teacher: dict) -> str:
-    """Whether a one-step row meets both of Table 1's bars against the teacher's row."""
-    met = student["fd"] / teacher["fd"] <= BARS["fd"] and student["accuracy"] / teacher["accuracy"] >= BARS["accuracy"]
-    return "yes" if met else "**no**"
-
-
-def se(a: float, b: float, n: int) -> float:
-    return math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
-
-
-def table1_current() -> tuple[dict, bool]:
-    table = load(f"{RESULTS}/table1.json")
-    current = (table["student_transformer_sha256"] == transformer_sha("weights/student")
-               and table["teacher_transformer_sha256"] == transformer_sha("weights/teacher"))
-    return table, current
+from docs_common import (DRAWS, RESULTS, ROOT, STALE, bars_met, fa, load, on_shipped_student, ratio, steps_header,
+                         steps_row, student_manifest, table1_current, transformer_sha)
+from docs_distill import block_grid, block_published_detached, block_table2
 
 
 def latency_current() -> tuple[dict, bool]:
@@ -251,16 +185,6 @@ def block_seeds() -> str:
     return "\n".join(lines)
 
 
-def steps_header(first: str) -> str:
-    return (f"| {first} | train: FD / accuracy | train: precision / recall | held out: FD / accuracy "
-            "| held out: precision / recall |\n|---|---|---|---|---|")
-
-
-def steps_row(label: str, train: dict, heldout: dict) -> str:
-    return f"| {label} | " + " | ".join(f"{fa(r)} | {r['precision']:.3f} / {r['recall']:.3f}"
-                                        for r in (train, heldout)) + " |"
-
-
 def block_steps() -> str:
     """docs/results.md: the shipped student at 1, 2 and 4 steps beside the teacher, with diversity (recall)."""
     table = load(f"{RESULTS}/steps-n2048.json")
@@ -275,29 +199,6 @@ def block_steps() -> str:
     recall = [rows[("student", 1, split)]["recall"] / rows[("teacher", 16, split)]["recall"]
               for split in ("train", "heldout")]
     lines += ["", f"One-step recall against the teacher's: {recall[0]:.2f}x (train), {recall[1]:.2f}x (held out)."]
-    return "\n".join(lines)
-
-
-def block_table2() -> str:
-    lines = ["| budget, bank, training seed | TBCM: bank s, steps, export | data-sCM: steps | draw (n = 2048) "
-             "| TBCM: FD / accuracy | data-sCM: FD / accuracy | accuracy difference (SE) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, budget, bank, seed in PAIRS:
-        pair = load(f"{RESULTS}/{name}")
-        rows = pair["rows"]
-        # the reported TBCM export: as trained where the JSON says so (rows tbcm-a1-* when both were evaluated)
-        as_trained = pair["tbcm"]["export_extrapolation"] == 1.0
-        prefix = "tbcm-a1" if as_trained and "tbcm-a1-train-seed0" in rows else "tbcm"
-        export = "as trained" if as_trained else f"at {pair['tbcm']['export_extrapolation']}"
-        for i, (key, label) in enumerate(PAIR_DRAWS):
-            t, d = rows[f"{prefix}-{key}"], rows[f"data-{key}"]
-            diff = t["accuracy"] - d["accuracy"]
-            plot = f"results/{pair['figure'].split('.{')[0]}.png"
-            first = (f"{budget}, {bank}, seed {seed} ([plot]({plot}))",
-                     f"{pair['bank_s']:.0f} s, {pair['tbcm']['steps']}, {export}", f"{pair['data']['steps']}")
-            head = first if i == 0 else ("", "", "")
-            lines.append(f"| {' | '.join(head)} | {label} | {fa(t)} | {fa(d)} | {diff:+.3f} "
-                         f"({se(t['accuracy'], d['accuracy'], t['n']):.3f}) |")
     return "\n".join(lines)
 
 
@@ -337,56 +238,10 @@ def block_serving() -> str:
 
 
 
-# section 9's arms, the ablation chain from the published recipe: (label, bench_quality JSON at 1, 2 and 4 steps,
-# tbcm eval JSON of held out at --seed 1)
-CHAIN_ARMS = (("`tbcm` + `--logvar-detached`", "steps-tbcm-detached-1400.json",
-               "eval-tbcm-detached-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic` + `--logvar-detached`", "steps-tbcm-synthetic-detached-1400.json",
-               "eval-tbcm-synthetic-detached-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic` + uniform weighting", "steps-tbcm-synthetic-uniform-1400.json",
-               "eval-tbcm-synthetic-uniform-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic` + uniform weighting, 2 of 15 states", "steps-tbcm-synthetic-uniform-2pts-1400.json",
-               "eval-tbcm-synthetic-uniform-2pts-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic` + uniform weighting, 2 states, cosine schedule",
-               "steps-tbcm-synthetic-uniform-2pts-cosine-1400.json",
-               "eval-tbcm-synthetic-uniform-2pts-cosine-1400-heldout-seed1.json"),
-              ("`tbcm+synthetic+dmd` (the shipped recipe; this bank)", "steps-tbcm-synthetic-dmd-1400.json",
-               "eval-tbcm-synthetic-dmd-1400-heldout-seed1.json"))
-
-
-def block_published_detached() -> str:
-    """docs/results.md section 9: the published `tbcm` recipe with the detached log-variance head, and the chain's
-    next links, 1400 steps each, at n = 2048 against the teacher (Table 1's rows) and beside the shipped
-    student, then at 1, 2 and 4 steps."""
-    rows = load(f"{RESULTS}/table1.json")["rows"]
-    shipped = {(r.get("steps", 0), r["split"]): r for r in load(f"{RESULTS}/steps-n2048.json")["rows"]}
-    arms = []
-    for label, steps_file, seed1_file in CHAIN_ARMS:
-        ours = {(r.get("steps", 0), r["split"]): r for r in load(f"{RESULTS}/{steps_file}")["rows"]
-                if r["model"] != "real"}
-        ours[(1, "heldout-seed1")] = load(f"{RESULTS}/{seed1_file}")
-        arms.append((label, ours))
-    lines = ["| arm, 1 step | split, draw (n = 2048) | teacher, 16 steps | arm: FD / accuracy "
-             "| FD / teacher's (bar <= 1.3x) | accuracy / teacher's (bar >= 0.95x) | bars met | recall / teacher's "
-             "| shipped student: FD, accuracy / teacher's |", "|---|---|---|---|---|---|---|---|---|"]
-    for label, ours in arms:
-        for key, draw in DRAWS:
-            s, t, shipped_row = ours[(1, key)], rows[f"teacher-{key}"], rows[f"student-{key}"]
-            teacher_recall = shipped.get((16, key), {}).get("recall")
-            recall = f"{s['recall'] / teacher_recall:.2f}x" if teacher_recall else "-"
-            lines.append(f"| {label} | {draw} | {fa(t)} | {fa(s)} | {ratio(s, t, 'fd')} | "
-                         f"{ratio(s, t, 'accuracy')} | {bars_met(s, t)} | {recall} | "
-                         f"{ratio(shipped_row, t, 'fd')}, {ratio(shipped_row, t, 'accuracy')} |")
-    lines += ["", steps_header("arm, steps (NFE)")]
-    lines += [steps_row(f"{label}, {count} ({count})", ours[(count, "train")], ours[(count, "heldout")])
-              for label, ours in arms for count in (1, 2, 4)]
-    return "\n".join(lines)
-
-
 BLOCKS = {"README.md": {"numbers": block_numbers},
           "docs/results.md": {"table1": block_table1, "seeds": block_seeds, "steps": block_steps,
                               "table2": block_table2, "serving": block_serving,
-                              "published_detached": block_published_detached}}
+                              "published_detached": block_published_detached, "grid": block_grid}}
 
 
 def render(text: str, blocks: dict) -> tuple[str, list[str]]:

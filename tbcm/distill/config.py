@@ -18,8 +18,9 @@ class DistillConfig(TrainConfig):
     grad_clip: float = 0.1
     checkpoint_every: int = 50
     recipe: str = ""                      # the named preset the run starts from (tbcm/distill/recipes.py: tbcm,
-                                          #   tbcm+synthetic, tbcm+synthetic+dmd, synthetic-scm, data-scm,
-                                          #   data-scm+dmd); options given beside it override its values; "": none
+                                          #   tbcm+dmd, tbcm+synthetic, tbcm+synthetic+dmd, synthetic-scm,
+                                          #   synthetic-scm+dmd, data-scm, data-scm+dmd); options given beside it
+                                          #   override its values; "": none
     teacher: str = "teacher"              # teacher pipeline folder or shipped name
     prompts: str = "world"                # prompt file (one per line, or .jsonl with "prompt" keys; no images, no
                                           #   evaluator), or "world": the embedded world's captions, renders and,

@@ -29,8 +29,15 @@ TBCM = {**SCM, "pairs": "trajectory", "route_points": 16, "points_per_trajectory
 # Sana-Sprint's sCM on captioned images: 15 noised images per prompt (tbcm's batch), no LADD
 DATA_SCM = {**SCM, **SPRINT_TIMES, "pairs": "data", "points_per_trajectory": 15}
 
+# sCM on the teacher's samples only: no trajectory state, 15 re-noised endpoints per rollout (tbcm's batch), at
+# Sana-Sprint's weighting and times, so that it differs from data-scm in where x0 comes from only
+SYNTHETIC_SCM = {**SCM, **SPRINT_TIMES, "pairs": "trajectory", "points_per_trajectory": 0,
+                 "renoised_per_trajectory": 15}
+
 RECIPES: dict[str, dict] = {
     "tbcm": TBCM,
+    # TBCM plus the DMD term on the one-step samples from each rollout's start noise (rCM's regulariser)
+    "tbcm+dmd": {**TBCM, **DMD},
     # TBCM plus 2 re-noised teacher endpoints per rollout (sCM on the teacher's own samples, off the trajectory)
     "tbcm+synthetic": {**TBCM, "renoised_per_trajectory": 2},
     # the shipped student, exactly (the Makefile's options before recipes): 2 trajectory states + 2 re-noised
@@ -38,10 +45,8 @@ RECIPES: dict[str, dict] = {
     # tbcm+synthetic plus DMD: its weighting, points and schedule differ too
     "tbcm+synthetic+dmd": {"steps": STEPS, "learn_logvar": False, "prior_weight": "uniform", "cosine_decay": True,
                            "pairs": "trajectory", "points_per_trajectory": 2, "renoised_per_trajectory": 2, **DMD},
-    # sCM on the teacher's samples only: no trajectory state, 15 re-noised endpoints per rollout (tbcm's batch),
-    # at Sana-Sprint's weighting and times, so that it differs from data-scm in where x0 comes from only
-    "synthetic-scm": {**SCM, **SPRINT_TIMES, "pairs": "trajectory", "points_per_trajectory": 0,
-                      "renoised_per_trajectory": 15},
+    "synthetic-scm": SYNTHETIC_SCM,
+    "synthetic-scm+dmd": {**SYNTHETIC_SCM, **DMD},
     "data-scm": DATA_SCM,
     # data-scm plus the DMD term; data pairs have no rollout noise, so its one-step samples start from fresh noise
     "data-scm+dmd": {**DATA_SCM, **DMD},

@@ -55,7 +55,7 @@ def test_options_given_beside_a_recipe_win_and_the_manifest_says_so():
 
 def test_an_unknown_recipe_is_named_before_any_work(tmp_path, capsys):
     assert main(["distill", "--recipe", "tcbm", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
-    assert "--recipe must be one of ['data-scm', 'data-scm+dmd', 'synthetic-scm', 'tbcm'" in capsys.readouterr().err
+    assert "--recipe must be one of ['data-scm', 'data-scm+dmd', 'synthetic-scm', 'synthetic-scm+dmd', 'tbcm'" in capsys.readouterr().err
 
 
 def test_the_shipped_student_is_the_shipped_recipe():
