@@ -105,4 +105,13 @@ def block_grid() -> str:
         recall = arm["final"]["heldout"]["recall"] / teacher["heldout"]["recall"]
         lines.append(f"| `{arm['arm']}`, {arm['seed']} | {bank} | {arm['steps']} | {arm['step_s']:.2f} | {peak} | "
                      f"{reached} | {' | '.join(cells)} | {met} | {recall:.2f}x |")
+    lines += ["", "Mean over the training seeds run, against the teacher's:", "",
+              "| arm | seeds | train: FD / teacher's | train: accuracy / teacher's | held out: FD / teacher's "
+              "| held out: accuracy / teacher's | held-out recall / teacher's |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(arm["arm"] for arm in grid["arms"]):
+        runs = [arm["final"] for arm in grid["arms"] if arm["arm"] == name]
+        cells = [f"{sum(r[split][key] for r in runs) / len(runs) / teacher[split][key]:.{2 if key == 'fd' else 3}f}x"
+                 for split in ("train", "heldout") for key in ("fd", "accuracy")]
+        recall = sum(r["heldout"]["recall"] for r in runs) / len(runs) / teacher["heldout"]["recall"]
+        lines.append(f"| `{name}` | {len(runs)} | {' | '.join(cells)} | {recall:.2f}x |")
     return "\n".join(lines)
