@@ -156,8 +156,8 @@ def plot(rows: list[dict], teacher: dict, out: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    trajectory = [s for s in args.seeds if any(not a.startswith("data") for a in args.arms)]
-    banks = build_banks(args, trajectory)
+    on_banks = any(not arm.startswith("data") for arm in args.arms)
+    banks = build_banks(args, args.seeds if on_banks else [])
     reference = args.out / f"teacher-train-n{CURVE_N}.json"  # the teacher at the periodic evaluations' n and draw
     evaluate([(TEACHER, "train", 16, CURVE_N, reference)])
     teacher = json.loads(reference.read_text())
